@@ -18,6 +18,10 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<mask>", "<sep>")
+"""Tokenizer specials, always ids 0..4: pad, bos, eos, mask (span denoising), sep (source|target)."""
+PAD_ID, BOS_ID, EOS_ID, MASK_ID, SEP_ID = range(len(SPECIAL_TOKENS))
+
 
 class ConfigError(ValueError):
     """A config value or key is wrong; the message names the field."""
