@@ -14,7 +14,7 @@ from m6.errors import UserError
 from m6.storage import StorageError
 
 # Each module defines ``register(subparsers)``; its handlers set ``func`` and import heavy code lazily.
-COMMAND_MODULES = ("m6.data.cli", "m6.train.cli", "m6.eval.cli", "m6.energy.cli", "m6.serve.cli", "m6.pipeline_cli")
+COMMAND_MODULES = ("m6.data.cli", "m6.train.cli", "m6.eval.cli", "m6.energy.cli")
 
 
 def emit(args: argparse.Namespace, summary: dict[str, Any], human: str) -> None:
