@@ -267,6 +267,54 @@ class EnergyConfig:
         _check(self.cpu_tdp_w is None or self.cpu_tdp_w > 0, "energy.cpu_tdp_w", "must be positive")
 
 
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Evaluation and the deployment gate (``m6 eval``)."""
+
+    split: str = "test"
+    """Held-out split to evaluate: 'test', 'val', or 'all' (a dataset the model never trained on)."""
+    batch_size: int = 32
+    max_samples: int | None = 512
+    """Cap on evaluated samples of the split, taken in manifest order; None = the whole split."""
+    recall_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    ties: str = "expected"
+    """Tied similarity scores: 'expected' (exact expectation over random tie breaks), 'pessimistic', 'optimistic'."""
+    caption_method: str = "greedy"
+    caption_max_tokens: int = 24
+    num_examples: int = 6
+    """Example predictions (with thumbnails) shown in the report."""
+    seed: int = 0
+    """Seeds the model's own randomness (span corruption) so perplexity is reproducible."""
+    primary_metric: str = "retrieval.mean_recall"
+    """The metric a candidate must improve over the champion to be promoted."""
+    min_improvement: float = 0.0
+    """Absolute margin by which the primary metric must beat the champion's (strictly)."""
+    thresholds: dict[str, float] = field(default_factory=lambda: {"retrieval.mean_recall_lift": 1.2})
+    """Metric → bound every promoted model must clear: a minimum, or a maximum for lower-is-better metrics."""
+    guarded: dict[str, float] = field(default_factory=lambda: {
+        "retrieval.mean_recall": 0.02, "captioning.cider_d": 0.05, "lm.text.perplexity": 0.05})
+    """Metric → tolerated regression against the champion, as a fraction of the champion's value."""
+    lower_is_better: list[str] = field(default_factory=lambda: ["perplexity", "load_cv", "drop_rate"])
+    """Metric-name suffixes for which lower values are better."""
+
+    def __post_init__(self) -> None:
+        w = "eval"
+        _check(self.split in ("test", "val", "all"), f"{w}.split",
+               f"must be test|val|all (never the training split), got {self.split!r}")
+        _check(self.batch_size >= 1, f"{w}.batch_size", "must be >= 1")
+        _check(self.max_samples is None or self.max_samples >= 1, f"{w}.max_samples", "must be >= 1 or null")
+        _check(bool(self.recall_ks) and all(k >= 1 for k in self.recall_ks), f"{w}.recall_ks", "must be positive cut-offs")
+        _check(self.ties in ("expected", "pessimistic", "optimistic"), f"{w}.ties", "must be expected|pessimistic|optimistic")
+        _check(self.caption_method in ("greedy", "beam", "top_p"), f"{w}.caption_method", "must be greedy|beam|top_p")
+        _check(self.caption_max_tokens >= 1 and self.num_examples >= 0, w, "caption_max_tokens >= 1, num_examples >= 0")
+        _check(self.min_improvement >= 0, f"{w}.min_improvement", "must be >= 0")
+        bad = sorted(k for k, v in self.guarded.items() if v < 0)
+        _check(not bad, f"{w}.guarded", f"tolerances must be >= 0 (see {bad})")
+
+
 # --------------------------------------------------------------------------- whole
 
 
@@ -279,6 +327,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
