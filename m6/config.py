@@ -260,6 +260,10 @@ class EnergyConfig:
     pushgateway: str | None = None
     prometheus_cross_check: str | None = None
     """Prometheus base URL to query DCGM/Kepler figures for a cross-check."""
+    rapl_root: str = "/sys/class/powercap"
+    """Where the powercap (RAPL) tree is mounted; containers may bind it elsewhere."""
+    gpu_power_cross_check: bool = True
+    """Also integrate NVML power beside the energy counter and report the difference (never added to totals)."""
 
     def __post_init__(self) -> None:
         _check(0 < self.sample_hz <= 1000, "energy.sample_hz", "must be in (0, 1000]")
