@@ -375,12 +375,13 @@ def _base() -> Config:
 
 
 def _paper(name: str, *, n_layers: int, d_ff: int, num_experts: int, num_prototypes: int = 1,
-           moe_every: int = 1, share_layers: bool = False) -> Config:
-    """M6 paper scales: d=1024, 16 heads, MoE FFN of width ``d_ff``."""
+           moe_every: int = 1, share_layers: bool = False, d_model: int = 1024, n_heads: int = 16,
+           dense_d_ff: int = 4096) -> Config:
+    """M6 paper scales (default backbone d=1024, 16 heads); ``d_ff`` is the expert width."""
     c = _base()
     c.preset = name
-    c.model = ModelConfig(name=name, vocab_size=21128, d_model=1024, n_layers=n_layers, n_heads=16, d_ff=4096,
-                          moe_every=moe_every, num_experts=num_experts, expert_d_ff=d_ff,
+    c.model = ModelConfig(name=name, vocab_size=21128, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                          d_ff=dense_d_ff, moe_every=moe_every, num_experts=num_experts, expert_d_ff=d_ff,
                           num_prototypes=num_prototypes, image_size=224, patch_size=16, max_text_len=128,
                           contrastive_dim=512, vq_codebook_size=8192, share_layers=share_layers)
     return c
@@ -390,11 +391,20 @@ PRESETS = {
     "tiny": _tiny,
     "demo": _demo,
     "base": _base,
-    # M6 (arXiv 2103.00823) and M6-T (arXiv 2105.15082) scales: 24 layers, d=1024.
-    "m6-10b": lambda: _paper("m6-10b", n_layers=24, d_ff=4096, num_experts=128, moe_every=2),
+    # Paper scales; m6.model.params.count_params gives total / active / FLOPs, and the tests
+    # cross-check it against the real module built on the meta device.
+    # M6 (arXiv 2103.00823, Table 3): M6-10B is a dense 50-layer transformer, d=4096, 128 heads,
+    # FFN 16384 (12·50·4096² ≈ 1.0e10 parameters).
+    "m6-10b": lambda: _paper("m6-10b", n_layers=50, d_model=4096, n_heads=128, dense_d_ff=16384, d_ff=16384,
+                             num_experts=1, moe_every=0),
+    # M6 (arXiv 2103.00823, Table 3): M6-100B keeps the 24-layer d=1024 backbone with MoE FFNs of
+    # 1024 experts (d_ff 4096); MoE in every other layer gives 12·1024·2·1024·4096 ≈ 1.03e11.
     "m6-100b": lambda: _paper("m6-100b", n_layers=24, d_ff=4096, num_experts=1024, moe_every=2),
+    # M6-T (arXiv 2105.15082, Sec. 4): M6-1T, 24 layers, d=1024, 960 experts of d_ff 21248 in every
+    # layer, k=4 prototypes: 24·960·2·1024·21248 ≈ 1.00e12.
     "m6-1t": lambda: _paper("m6-1t", n_layers=24, d_ff=21248, num_experts=960, num_prototypes=4),
-    # M6-10T (arXiv 2110.03888): 48 layers, 10,240 experts in 80 prototypes, d_ff 9984.
+    # M6-10T (arXiv 2110.03888, Sec. 4): 48 layers, d=1024, 16 heads, 10,240 experts of d_ff 9984
+    # in 80 prototypes in every layer: 48·10240·2·1024·9984 ≈ 1.005e13.
     "m6-10t": lambda: _paper("m6-10t", n_layers=48, d_ff=9984, num_experts=10240, num_prototypes=80),
 }
 

@@ -1,0 +1,1 @@
+"""The M6 model: MoE layer, transformer with sharing/delinking, multimodal model, parameter counts."""
