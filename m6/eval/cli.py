@@ -1,0 +1,61 @@
+"""``m6 eval``: metrics, KFP metrics and the HTML report for a checkpoint; ``--gate`` decides promote or hold."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a model on a held-out split (retrieval, captioning, LM, MoE health)",
+                              description=__doc__)
+    p.add_argument("--model", required=True, help="training run, checkpoints root or one checkpoint (URI)")
+    p.add_argument("--data", required=True, help="curated dataset (URI with manifest.json)")
+    p.add_argument("--out", required=True, help="where eval.json, metrics.json and report.html go (URI)")
+    p.add_argument("--split", choices=("test", "val", "all"), default=None, help="default: the config's eval.split (test)")
+    p.add_argument("--config", default=None, help="JSON/YAML config file whose 'eval' block overrides the checkpoint's")
+    p.add_argument("--max-samples", type=int, default=None, help="cap on samples of the split")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--gate", action="store_true", help="decide promote/hold against thresholds and the champion")
+    p.add_argument("--champion", default=None, help="the deployed model's eval.json, or the folder holding it")
+    p.add_argument("--json", action="store_true", help="print one JSON object (metrics, and the decision with --gate)")
+    p.set_defaults(func=_run)
+
+
+def _eval_config(args: argparse.Namespace, loaded):
+    from m6.config import EvalConfig, from_dict, load
+
+    base = getattr(loaded[1], "eval", None) or EvalConfig()
+    if args.config:
+        base = load(args.config, preset_name=getattr(loaded[1], "preset", None) or "tiny").eval
+    overrides = {}
+    if args.max_samples is not None:
+        overrides["max_samples"] = args.max_samples
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    return from_dict(EvalConfig, overrides, "eval", base=base)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from m6.cli import emit
+    from m6.eval.run import _load, evaluate
+
+    loaded = _load(args.model)
+    cfg = _eval_config(args, loaded)
+    doc = evaluate(args.model, args.data, args.out, cfg=cfg, split=args.split, gate=args.gate,
+                   champion_uri=args.champion, loaded=loaded)
+    metrics = {k: v["value"] for k, v in doc["metrics"].items()}
+    summary = {"out": args.out, "split": doc["data"]["split"], "samples": doc["data"]["samples"], "metrics": metrics,
+               "report": f"{args.out.rstrip('/')}/report.html"}
+    if "gate" in doc:
+        summary["gate"] = {k: doc["gate"][k] for k in ("decision", "reason", "first_model")}
+    lines = [f"evaluated {doc['model']['checkpoint']} on {doc['data']['split']} "
+             f"({doc['data']['samples']} samples) in {doc['timing_s']['total_s']:.1f}s"]
+    for k in ("retrieval.t2i.R@1", "retrieval.i2t.R@1", "retrieval.mean_recall", "retrieval.mean_recall_lift",
+              "captioning.bleu4", "captioning.cider_d", "lm.text.perplexity", "lm.caption.perplexity", "moe.load_cv"):
+        if k in metrics:
+            lines.append(f"  {k:30s} {metrics[k]:.4f}")
+    if "gate" in doc:
+        lines.append(f"gate: {doc['gate']['decision'].upper()} — {doc['gate']['reason']}")
+    lines.append(f"report: {summary['report']}")
+    emit(args, summary, "\n".join(lines))
+    return 0

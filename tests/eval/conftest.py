@@ -1,0 +1,101 @@
+"""Eval fixtures: a small curated-format dataset of synthetic product images, and a tiny model trained on it."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from m6 import storage
+from m6.config import preset
+
+# A learnable slice of the demo corpus's attribute space: 4 kinds × 4 colours, varied pattern.
+KINDS, COLORS = (0, 1, 2, 3), (0, 1, 2, 3)
+
+
+def make_dataset(uri: str, n: int = 96, seed: int = 0, test_fraction: float = 0.3, n_docs: int = 24) -> dict:
+    """Write ``n`` image-caption samples and ``n_docs`` text documents as m6.shards/v1 with a tokenizer.
+
+    Every sample's split is the key-hash split of ``m6.data.shards.split_of``; returns the manifest.
+    """
+    from m6.data import synth
+    from m6.data.shards import SCHEMA, SPLIT_METHOD, ShardWriter, split_of
+    from m6.data.tokenizer import save_tokenizer, train_tokenizer
+
+    rng = random.Random(seed)
+    writer = ShardWriter(uri, max_samples=40, max_bytes=1 << 24)
+    counts = {"train": 0, "val": 0, "test": 0}
+    texts = []
+    for i in range(n):
+        a = {"kind": rng.choice(KINDS), "color": rng.choice(COLORS), "pattern": rng.randrange(2), "size": 1,
+             "position": 0, "background": 0}
+        caps = synth.captions_for(a, "en", rng, n=2)
+        img = synth.render(a, rng, size=(48, 48))
+        key = f"s{seed}-{i:05d}"
+        split = split_of(key, 0.0, test_fraction)
+        counts[split] += 1
+        texts.extend(caps)
+        writer.write({"__key__": key, "jpg": synth._encode(img, "jpg"), "txt": caps[0],
+                      "json": {"captions": caps, "split": split, "attributes": synth.attr_names(a), "lang": "en"}})
+    for j in range(n_docs):
+        a = {"kind": rng.choice(KINDS), "color": rng.choice(COLORS), "pattern": rng.randrange(4), "size": rng.randrange(2),
+             "position": rng.randrange(5), "background": rng.randrange(4)}
+        doc = synth.document_for(a, "en", rng)
+        key = f"d{seed}-{j:05d}"
+        split = split_of(key, 0.0, test_fraction)
+        counts[split] += 1
+        texts.append(doc)
+        writer.write({"__key__": key, "txt": doc, "json": {"kind": "text", "split": split, "lang": "en"}})
+    shards = writer.close()
+    save_tokenizer(train_tokenizer(texts, vocab_size=400), storage.join(uri, "tokenizer.json"))
+    manifest = {"schema": SCHEMA, "shards": shards, "num_samples": n + n_docs,
+                "split": {"method": SPLIT_METHOD, "val_fraction": 0.0, "test_fraction": test_fraction, "counts": counts},
+                "tokenizer": "tokenizer.json", "image_size": 48, "config": {}}
+    storage.write_json(storage.join(uri, "manifest.json"), manifest)
+    return manifest
+
+
+def train_tiny(data_uri: str, steps: int = 250, seed: int = 0):
+    """A tiny M6Model trained with a plain torch loop on the contrastive and caption objectives of the train split."""
+    import torch
+
+    from m6.data.shards import iter_dataset
+    from m6.data.tokenizer import load_tokenizer
+    from m6.eval.data import image_tensor, text_tensor
+    from m6.model.m6 import M6Model
+
+    torch.manual_seed(seed)
+    cfg = preset("tiny")
+    tok = load_tokenizer(data_uri)
+    cfg.model.vocab_size = tok.get_vocab_size()
+    pairs = [(s["jpg"], cap) for s in iter_dataset(data_uri, "train") if "jpg" in s for cap in s["json"]["captions"]]
+    images = image_tensor([p[0] for p in pairs], cfg.model.image_size)
+    texts = text_tensor([p[1] for p in pairs], tok, cfg.model.max_text_len)
+    model = M6Model(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        idx = torch.randperm(len(pairs), generator=g)[:24]
+        batch = {"image": images[idx], "text": texts[idx]}
+        loss = model(batch, "contrastive")["loss"] + model(batch, "caption")["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    meta = {"step": steps, "checkpoint": f"in-memory tiny@{steps}", "data_uri": data_uri,
+            "train_s": time.perf_counter() - t0, "final_loss": loss.item()}
+    return model, cfg, tok, meta
+
+
+@pytest.fixture(scope="session")
+def eval_data(tmp_path_factory) -> str:
+    uri = str(tmp_path_factory.mktemp("evaldata") / "ds")
+    make_dataset(uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def trained(eval_data):
+    return train_tiny(eval_data)
