@@ -155,13 +155,18 @@ class DataConfig:
     min_caption_chars: int = 2
     """Caption length bounds in characters (a CJK character counts as one)."""
     max_caption_chars: int = 256
+    min_text_chars: int = 8
+    """Length bounds of text-only documents, in characters."""
+    max_text_chars: int = 4096
     min_cjk_ratio: float = 0.3
     """For captions tagged ``zh``: minimum share of CJK characters among non-space characters."""
     blocklist: list[str] = field(default_factory=lambda: ["lorem ipsum", "click here", "buy now!!!", "免费领取"])
     dedup_exact: bool = True
     near_dup_images: bool = True
-    phash_hamming: int = 4
-    """Images whose 64-bit perceptual hashes differ in at most this many bits are near-duplicates."""
+    phash_hamming: int = 8
+    """Images whose 256-bit perceptual hashes (16×16 DCT) differ in at most this many bits are near-duplicates."""
+    near_dup_color_tol: float = 12.0
+    """…and whose 4×4 colour thumbnails differ by at most this mean absolute level (0-255); pHash is luminance-only."""
     near_dup_texts: bool = True
     minhash_threshold: float = 0.9
     """Estimated Jaccard similarity (character 3-grams) above which text-only samples are near-duplicates."""
@@ -181,8 +186,9 @@ class DataConfig:
         _check(1 <= self.jpeg_quality <= 100, f"{w}.jpeg_quality", "must be in [1, 100]")
         _check(self.max_aspect_ratio >= 1.0, f"{w}.max_aspect_ratio", "must be >= 1")
         _check(0 <= self.min_caption_chars <= self.max_caption_chars, f"{w}.min_caption_chars", "must be <= max_caption_chars")
+        _check(0 <= self.min_text_chars <= self.max_text_chars, f"{w}.min_text_chars", "must be <= max_text_chars")
         _check(0.0 <= self.min_cjk_ratio <= 1.0, f"{w}.min_cjk_ratio", "must be in [0, 1]")
-        _check(0 <= self.phash_hamming <= 64, f"{w}.phash_hamming", "must be in [0, 64]")
+        _check(0 <= self.phash_hamming <= 64, f"{w}.phash_hamming", "must be in [0, 64] (of 256 bits)")
         _check(0.0 < self.minhash_threshold <= 1.0, f"{w}.minhash_threshold", "must be in (0, 1]")
         _check(self.shard_max_samples >= 1 and self.shard_max_bytes >= 1024, f"{w}.shard_max_samples", "shard limits too small")
         _check(0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1,

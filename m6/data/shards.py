@@ -110,6 +110,7 @@ class TarSink:
         self._hw = _HashingWriter(self._tmp)
         self._tar = tarfile.open(fileobj=self._hw, mode="w|", format=tarfile.PAX_FORMAT)
         self.samples = 0
+        self.reused = False
 
     @property
     def nbytes(self) -> int:
@@ -120,17 +121,25 @@ class TarSink:
             _add_member(self._tar, name, data)
         self.samples += 1
 
-    def close(self) -> dict:
-        """Finish the tar, put it at ``uri`` and return its manifest entry (samples, bytes, sha256)."""
+    def close(self, reuse: bool = False) -> dict:
+        """Finish the tar, put it at ``uri`` and return its manifest entry (samples, bytes, sha256).
+
+        With ``reuse``, an object already at ``uri`` with the same size and SHA-256 (a shard a
+        crashed run completed) is verified and kept instead of being uploaded again.
+        """
         self._tar.close()
         self._tmp.flush()
         self._tmp.close()
+        entry = {"name": storage.basename(self.uri), "uri": self.uri, "samples": self.samples,
+                 "bytes": self._hw.nbytes, "sha256": self._hw.sha.hexdigest()}
         try:
-            storage.upload_file(self._tmp.name, self.uri)
+            if reuse and verify_shard(self.uri, entry):
+                self.reused = True
+            else:
+                storage.upload_file(self._tmp.name, self.uri)
         finally:
             Path(self._tmp.name).unlink(missing_ok=True)
-        return {"name": storage.basename(self.uri), "uri": self.uri, "samples": self.samples,
-                "bytes": self._hw.nbytes, "sha256": self._hw.sha.hexdigest()}
+        return entry
 
     def abort(self) -> None:
         try:
@@ -143,8 +152,11 @@ class TarSink:
 class ShardWriter:
     """Writes samples into ``shard-NNNNNN.tar`` files of at most ``max_samples`` samples / ``max_bytes`` bytes."""
 
-    def __init__(self, out_uri: str, max_samples: int, max_bytes: int, start_index: int = 0) -> None:
+    def __init__(self, out_uri: str, max_samples: int, max_bytes: int, start_index: int = 0,
+                 reuse: bool = False) -> None:
         self.out_uri = out_uri
+        self.reuse = reuse
+        self.reused = 0
         self.max_samples = max_samples
         self.max_bytes = max_bytes
         self.index = start_index
@@ -161,7 +173,8 @@ class ShardWriter:
 
     def flush(self) -> None:
         if self._sink is not None:
-            self.shards.append(self._sink.close())
+            self.shards.append(self._sink.close(reuse=self.reuse))
+            self.reused += int(self._sink.reused)
             self._sink = None
 
     def close(self) -> list[dict]:
