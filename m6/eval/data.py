@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -142,6 +143,50 @@ def load_split(data_uri: str, split: str, max_samples: int | None = None, *, mod
     log.info("eval set %s: %d samples, %d images, %d texts, %d documents, dropped %s", split, es.samples,
              len(es.images), len(es.texts), len(es.docs), es.dropped or "none")
     return es, manifest
+
+
+def load_raw_folder(uri: str) -> tuple[EvalSet, str]:
+    """An uncurated ``captions.jsonl`` + images folder (the MUGE / Chinese-CLIP layout) as one eval set.
+
+    Each line is ``{"image": name, "captions": [...]}``; the image is looked up beside
+    the file, then under ``images/``. Images with no caption stay in the gallery as
+    distractors, as in MUGE's retrieval protocol, where most gallery images match no
+    query. Returns the set (split ``"all"``) and the SHA-256 of ``captions.jsonl``.
+    """
+    from m6 import storage
+
+    raw = storage.read_bytes(storage.join(uri, "captions.jsonl"))
+    es = EvalSet(split="all")
+    by_hash: dict[str, int] = {}
+    for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        es.samples += 1
+        try:
+            rec = json.loads(line)
+            name = rec["image"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            _drop(es, "malformed captions.jsonl line")
+            log.warning("%s/captions.jsonl line %d: not a JSON record with an 'image' key; skipped", uri, n)
+            continue
+        caps = [c.strip() for c in rec.get("captions") or [] if isinstance(c, str) and c.strip()]
+        image = None
+        for cand in (storage.join(uri, name), storage.join(uri, "images", name)):
+            if storage.exists(cand):
+                image = storage.read_bytes(cand)
+                break
+        if image is None:
+            _drop(es, "image file missing")
+            continue
+        if not _decodes(image):
+            _drop(es, "undecodable image")
+            continue
+        es.add_pair(str(name).rsplit(".", 1)[0], image, caps, by_hash)
+    es.finish()
+    es.overlap = {"method": "uncurated folder: the whole set is evaluated", "train_samples_admitted": 0}
+    if not es.images:
+        raise UserError(f"{uri}/captions.jsonl: no readable image (dropped: {es.dropped})")
+    return es, hashlib.sha256(raw).hexdigest()
 
 
 def image_tensor(images: list[bytes], size: int):

@@ -87,13 +87,15 @@ def perplexity(model, mcfg, es: EvalSet, tokenizer, batch_size: int, seed: int) 
                 docs = ((({"text": text_tensor(es.docs[s:s + batch_size], tokenizer, cfg.max_text_len)}),
                          len(es.docs[s:s + batch_size])) for s in _batches(len(es.docs), batch_size, "ppl text"))
                 out["text"] = _objective_nll(model, docs, "text", health)
-            if es.images:
-                first = [refs[0] for refs in es.references]
+            captioned = [i for i, refs in enumerate(es.references) if refs]
+            if captioned:
+                imgs = [es.images[i] for i in captioned]
+                first = [es.references[i][0] for i in captioned]
                 for objective in ("caption", "mm"):
-                    pairs = (({"image": image_tensor(es.images[s:s + batch_size], cfg.image_size),
+                    pairs = (({"image": image_tensor(imgs[s:s + batch_size], cfg.image_size),
                                "text": text_tensor(first[s:s + batch_size], tokenizer, cfg.max_text_len)},
                               len(first[s:s + batch_size]))
-                             for s in _batches(len(es.images), batch_size, f"ppl {objective}"))
+                             for s in _batches(len(first), batch_size, f"ppl {objective}"))
                     out[objective] = _objective_nll(model, pairs, objective, health)
     finally:
         torch.random.set_rng_state(state)

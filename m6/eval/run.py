@@ -18,7 +18,7 @@ from m6.config import EvalConfig
 from m6.errors import UserError
 from m6.eval import gate as gate_mod
 from m6.eval.captioning import caption_metrics
-from m6.eval.data import EvalSet, load_split
+from m6.eval.data import EvalSet, load_raw_folder, load_split
 from m6.eval.moe_health import overall
 from m6.eval.retrieval import recall_curve, retrieval_metrics
 
@@ -134,7 +134,13 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, *, cfg: EvalConfig | N
     model.eval()
     timing: dict[str, float] = {}
     t = time.perf_counter()
-    es, manifest = load_split(data_uri, split, cfg.max_samples, model_data_uri=(meta or {}).get("data_uri"))
+    if not storage.exists(storage.join(data_uri, "manifest.json")) and storage.exists(storage.join(data_uri, "captions.jsonl")):
+        if split != "all":
+            raise UserError(f"{data_uri} is an uncurated captions.jsonl folder with no splits: evaluate it with --split all")
+        es, data_sha = load_raw_folder(data_uri)
+    else:
+        es, manifest = load_split(data_uri, split, cfg.max_samples, model_data_uri=(meta or {}).get("data_uri"))
+        data_sha = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
     timing["load_s"] = time.perf_counter() - t
     checkpoint = str((meta or {}).get("checkpoint") or model_uri)
     doc: dict[str, Any] = {
@@ -142,7 +148,7 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, *, cfg: EvalConfig | N
         "model": {"uri": str(model_uri), "checkpoint": checkpoint, "step": (meta or {}).get("step"),
                   "preset": getattr(run_cfg, "preset", None)},
         "data": {"uri": str(data_uri), "split": split,
-                 "manifest_sha256": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
+                 "manifest_sha256": data_sha,
                  "samples": es.samples, "images": len(es.images), "texts": len(es.texts), "documents": len(es.docs),
                  "dropped": es.dropped, "overlap_check": es.overlap},
         "config": {k: getattr(cfg, k) for k in ("batch_size", "max_samples", "recall_ks", "ties", "caption_method",
@@ -169,7 +175,8 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, *, cfg: EvalConfig | N
         timing["retrieval_s"] = time.perf_counter() - t
         t = time.perf_counter()
         preds = model_eval.captions(model, mcfg, es, tokenizer, cfg.batch_size, cfg.caption_max_tokens, cfg.caption_method)
-        c = caption_metrics(preds, es.references)
+        captioned = [i for i, refs in enumerate(es.references) if refs]  # gallery distractors have none
+        c = caption_metrics([preds[i] for i in captioned], [es.references[i] for i in captioned])
         c.pop("per_item_cider_d")
         doc["captioning"] = c
         timing["captioning_s"] = time.perf_counter() - t
