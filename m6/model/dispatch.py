@@ -11,16 +11,19 @@ _GROUPED_MM = hasattr(torch, "_grouped_mm")
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``torch._grouped_mm`` can run on these operands.
 
-    On the CPU it takes fp32 and bf16; on CUDA it needs bf16 on compute capability
-    9.0+ (Hopper) and 16-byte aligned rows.
+    It needs 16-byte aligned rows (d_model and d_ff multiples of 16 bytes); on the
+    CPU it takes fp32 and bf16, on CUDA bf16 on compute capability 9.0+ (Hopper).
     """
     if not _GROUPED_MM or x.dtype != w.dtype or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    size = x.element_size()
+    if (x.shape[-1] * size) % 16 or (w.shape[-1] * size) % 16:
         return False
     if x.device.type == "cpu":
         return True
     if x.device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(x.device)
-        return major >= 9 and x.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0
+        return major >= 9 and x.dtype == torch.bfloat16
     return False
 
 

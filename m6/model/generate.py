@@ -24,7 +24,7 @@ class Decoder:
         self.tgt = torch.full((batch, 1), start_id, dtype=torch.int64, device=device)
         self.cache = KVCache(model.cfg.n_layers) if use_cache else None
         x, mask, _, self.key_valid = model._assemble(image, src, self.tgt)
-        h, _ = model.encoder(x, mask, self.cache)
+        h, _ = model.encoder(x, mask, self.cache, token_valid=self.key_valid)
         self.last = h[:, -1]
 
     def logits(self) -> torch.Tensor:
@@ -46,7 +46,7 @@ class Decoder:
             h, _ = m.encoder(x, self.key_valid.view(x.shape[0], 1, 1, -1), self.cache)
         else:
             x, mask, _, self.key_valid = m._assemble(self.image, self.src, self.tgt)
-            h, _ = m.encoder(x, mask, None)
+            h, _ = m.encoder(x, mask, None, token_valid=self.key_valid)
         self.last = h[:, -1]
 
     def reorder(self, index: torch.Tensor) -> None:

@@ -156,8 +156,8 @@ class M6Model(nn.Module):
                 src, tgt_in, labels = None, text[:, :-1], text[:, 1:]
             else:
                 src, tgt_in, labels = split_prefix(text)
-            x, mask, n_prefix, _ = self._assemble(image, src, tgt_in)
-            h, aux = self.encoder(x, mask)
+            x, mask, n_prefix, valid = self._assemble(image, src, tgt_in)
+            h, aux = self.encoder(x, mask, token_valid=valid)
             logits = h[:, n_prefix:] @ self.tok.weight.t()
             obj = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=PAD_ID)
             tokens = int((labels != PAD_ID).sum())
@@ -170,7 +170,7 @@ class M6Model(nn.Module):
     def _embed_text(self, text):
         valid = text != PAD_ID
         x = self._text_embed(text, SEG_SOURCE)
-        h, aux = self.encoder(x, prefix_lm_mask(valid, text.shape[1]))
+        h, aux = self.encoder(x, prefix_lm_mask(valid, text.shape[1]), token_valid=valid)
         w = valid.unsqueeze(-1).to(h.dtype)
         pooled = (h * w).sum(1) / w.sum(1).clamp_min(1.0)
         return F.normalize(self.txt_proj(pooled), dim=-1), aux

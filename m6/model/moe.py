@@ -59,9 +59,11 @@ class TopKRouter(nn.Module):
         cfg = self.cfg
         G, Eg = cfg.num_prototypes, cfg.num_experts // cfg.num_prototypes
         T = x_TD.shape[0]
-        # Routing in fp32 even under bf16 autocast: small logit differences decide the expert (Switch, Sec. 2.4).
+        # Routing in fp32 (or wider) even under bf16 autocast: small logit differences decide the
+        # expert (Switch Transformer, arXiv 2101.03961, Sec. 2.4).
+        dt = torch.promote_types(x_TD.dtype, torch.float32)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TGe = (x_TD.float() @ self.weight_ED.float().t()).view(T, G, Eg)
+            logits_TGe = (x_TD.to(dt) @ self.weight_ED.to(dt).t()).view(T, G, Eg)
             probs_TGe = logits_TGe.softmax(dim=-1)
             k = cfg.top_k
             weight_TGk, local_TGk = probs_TGe.topk(k, dim=-1)
@@ -69,7 +71,7 @@ class TopKRouter(nn.Module):
             expert_TK = expert_TGk.reshape(T, G * k)
             weight_TK = weight_TGk.reshape(T, G * k)
 
-            aux = x_TD.new_zeros((), dtype=torch.float32)
+            aux = x_TD.new_zeros((), dtype=dt)
             if cfg.aux_loss_coef > 0 and T > 0:
                 aux = aux + cfg.aux_loss_coef * load_balancing_loss(probs_TGe, local_TGk)
             if cfg.z_loss_coef > 0 and T > 0:
@@ -151,12 +153,25 @@ class MoE(nn.Module):
             return None
         return max(1, math.ceil(cf * num_tokens * self.cfg.experts_per_token / self.cfg.num_experts))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Route, dispatch, apply experts, combine. Returns ``(y, aux_loss)``; y has x's shape."""
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route, dispatch, apply experts, combine. Returns ``(y, aux_loss)``; y has x's shape.
+
+        ``token_mask`` (bool, x's leading shape) excludes positions such as padding: they
+        are not routed, do not count in the balancing loss or capacity, and get y = 0.
+        """
         shape = x.shape
-        x_TD = x.reshape(-1, shape[-1])
+        if token_mask is not None:
+            keep_idx = token_mask.reshape(-1).nonzero().squeeze(1)
+            y_kept, aux = self._forward_tokens(x.reshape(-1, shape[-1]).index_select(0, keep_idx))
+            y = x.new_zeros(token_mask.numel(), shape[-1])
+            return y.index_copy(0, keep_idx, y_kept).view(shape), aux
+        y, aux = self._forward_tokens(x.reshape(-1, shape[-1]))
+        return y.view(shape), aux
+
+    def _forward_tokens(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = x_TD.shape[0]
         E = self.cfg.num_experts
+        x = x_TD
         r = self.router(x_TD)
         K = r.expert_TK.shape[1]
 
@@ -206,7 +221,7 @@ class MoE(nn.Module):
             "capacity": cap,
             "aux_loss": float(r.aux_loss.detach()),
         }
-        return y_TD.view(shape), r.aux_loss
+        return y_TD, r.aux_loss
 
     def _expert_parallel(self, x_ND: torch.Tensor, kept_E: torch.Tensor) -> torch.Tensor:
         """Send rows to the ranks holding their experts, apply the local experts, send results back.

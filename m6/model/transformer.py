@@ -86,11 +86,11 @@ class Block(nn.Module):
         self.ffn = MoE(cfg.moe(), ep_group=ep_group) if moe else DenseFFN(cfg.d_model, cfg.d_ff)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask, cache=None, layer=0):
+    def forward(self, x, mask, cache=None, layer=0, token_valid=None):
         x = x + self.drop(self.attn(self.ln1(x), mask, cache, layer))
         h = self.ln2(x)
         if self.is_moe:
-            y, aux = self.ffn(h)
+            y, aux = self.ffn(h, token_valid)
         else:
             y, aux = self.ffn(h), None
         return x + self.drop(y), aux
@@ -117,12 +117,15 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self._stats: dict[int, dict] = {}
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the final-normed hidden states and the sum of the MoE layers' aux losses."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None,
+                token_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final-normed hidden states and the summed MoE aux losses.
+
+        ``token_valid`` ([B, L] bool) keeps padding out of the MoE routing.
+        """
         aux_total = x.new_zeros((), dtype=torch.float32)
         for i, b in enumerate(self.layer_block):
-            x, aux = self.blocks[b](x, mask, cache, i)
+            x, aux = self.blocks[b](x, mask, cache, i, token_valid)
             if aux is not None:
                 aux_total = aux_total + aux
                 self._accumulate(i, self.blocks[b].ffn.last_stats)
