@@ -45,6 +45,7 @@ _WS = re.compile(r"\s+")
 _FILENAME = re.compile(r"^[\w\-. ()]{0,120}\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|mp4|pdf)$", re.I)
 _NUMBER = re.compile(r"^[\s\d#_\-.,:/+()]*\d[\s\d#_\-.,:/+()]*$")
 _ID_LIKE = re.compile(r"^(?:img|dsc|image|photo|pic|screenshot)[\s_\-]?\d+$", re.I)
+_ID_TOKEN = re.compile(r"^[A-Za-z_\-#]*\d[\w\-#]*$")  # one token carrying an id, e.g. COCO_train2014_000000503310
 # Boilerplate that shops and CMSs leave in alt texts; removed, not a reason to drop.
 _BOILERPLATE = re.compile(
     r"(?:all rights reserved|©\s*\d{4}[^.。]*|copyright\s+\d{4}[^.。]*|stock photo|image may contain:?|"
@@ -116,7 +117,7 @@ def check_caption(raw: str, lang: str | None, cfg: DataConfig, *, max_chars: int
     low = text.lower()
     if _FILENAME.match(text) or _ID_LIKE.match(text):
         return None, lang, "caption_filename", changes
-    if _NUMBER.match(text):
+    if _NUMBER.match(text) or (_ID_TOKEN.match(text) and sum(c.isdigit() for c in text) >= 4):
         return None, lang, "caption_number", changes
     n = len(text)  # code points: one CJK character counts one, like one latin letter
     if n < (cfg.min_caption_chars if min_chars is None else min_chars):
@@ -161,9 +162,9 @@ def process_image(data: bytes, cfg: DataConfig) -> tuple[ProcessedImage | None, 
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        return None, "image_not_image"
+        return None, "image_truncated" if _looks_truncated(data) else "image_not_image"
     except Exception:
-        return None, "image_corrupt"
+        return None, "image_truncated" if _looks_truncated(data) else "image_corrupt"
     orig = im.size
     w, h = orig
     if min(w, h) < cfg.min_side:
@@ -180,9 +181,9 @@ def process_image(data: bytes, cfg: DataConfig) -> tuple[ProcessedImage | None, 
             im.draft("RGB", new)
         im.load()
     except OSError as e:
-        return None, ("image_truncated" if "truncated" in str(e).lower() else "image_corrupt")
+        return None, ("image_truncated" if "truncated" in str(e).lower() or _looks_truncated(data) else "image_corrupt")
     except Exception:
-        return None, "image_corrupt"
+        return None, "image_truncated" if _looks_truncated(data) else "image_corrupt"
     try:
         if im.mode != "RGB":
             im = _to_rgb(im)
@@ -199,6 +200,15 @@ def process_image(data: bytes, cfg: DataConfig) -> tuple[ProcessedImage | None, 
     except Exception:
         return None, "image_corrupt"
     return ProcessedImage(buf.getvalue(), cfg.image_format, orig, im.size, pixel_hash, ph, sig), None
+
+
+def _looks_truncated(data: bytes) -> bool:
+    """A JPEG without its end-of-image marker or a PNG without its IEND chunk: the file was cut."""
+    if data[:3] == b"\xff\xd8\xff":
+        return b"\xff\xd9" not in data[-16:]
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return b"IEND" not in data[-16:]
+    return False
 
 
 def _to_rgb(im):

@@ -7,6 +7,7 @@ import io
 import json
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -204,14 +205,43 @@ def _decode(ext: str, data: bytes) -> Any:
     return data
 
 
+class TarTruncated(Exception):
+    """A tar ended early; ``member`` is the name whose data was cut (None when a header was)."""
+
+    def __init__(self, member: str | None, detail: str) -> None:
+        super().__init__(f"tar ends early{f' inside {member}' if member else ''}: {detail}")
+        self.member = member
+
+
+_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
+
+
 def iter_tar_members(f: Any) -> Iterator[tuple[str, bytes]]:
-    """``(name, bytes)`` of the regular files of a streamed tar, in order."""
+    """``(name, bytes)`` of the regular files of a streamed tar, in order.
+
+    Raises:
+        TarTruncated: the stream ended in the middle of a member (what was yielded is whole).
+        tarfile.ReadError: the stream is not a tar at all.
+    """
     with tarfile.open(fileobj=f, mode="r|*") as tar:
-        for m in tar:
+        it = iter(tar)
+        while True:
+            try:
+                m = next(it)
+            except StopIteration:
+                return
+            except _TAR_ERRORS as e:
+                raise TarTruncated(None, str(e)) from e
             if not m.isfile():
                 continue
-            ef = tar.extractfile(m)
-            yield m.name, ef.read() if ef is not None else b""
+            try:
+                ef = tar.extractfile(m)
+                data = ef.read() if ef is not None else b""
+            except _TAR_ERRORS as e:
+                raise TarTruncated(m.name, str(e)) from e
+            if len(data) != m.size:
+                raise TarTruncated(m.name, f"{len(data)} of {m.size} bytes")
+            yield m.name, data
 
 
 def split_member_name(name: str) -> tuple[str, str]:

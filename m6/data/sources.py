@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from m6 import storage
-from m6.data.shards import IMAGE_EXTS, iter_tar_members, split_member_name
+from m6.data.shards import IMAGE_EXTS, TarTruncated, iter_tar_members, split_member_name
 from m6.errors import UserError
 
 FORMATS = ("imagefolder", "wds", "parquet", "muge", "text")
@@ -279,12 +279,21 @@ def _read_wds(p: Partition) -> Iterator[Item]:
                         yield item
                     group, gkey = {}, k
                 group[ext] = data
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except TarTruncated as e:
+        cut_key = split_member_name(e.member)[0] if e.member else None
+        if cut_key is not None and cut_key == gkey:  # the sample being read lost a member: count it, once
+            yield Item(make_key(p.tag, gkey), reason="tar_truncated", meta={"source_key": gkey})
+            return
+        item = flush()
+        if item is not None:
+            yield item
+        if cut_key is not None:
+            yield Item(make_key(p.tag, cut_key), reason="tar_truncated", meta={"source_key": cut_key})
+        return
+    except (tarfile.TarError, OSError) as e:
         if not got_any:
             raise UserError(f"input {p.uri}: not a readable tar ({e})") from None
-        if gkey is not None:  # the group being read when the tar ended is lost: count it
-            yield Item(make_key(p.tag, gkey), reason="tar_truncated", meta={"source_key": gkey})
-        return
+        raise
     item = flush()
     if item is not None:
         yield item
@@ -359,11 +368,12 @@ def _read_muge(p: Partition) -> Iterator[Item]:
             if not tab:
                 yield Item(key, reason="record_malformed", meta={"line": n})
                 continue
-            try:
-                img = base64.b64decode(b64, validate=False)
-            except (binascii.Error, ValueError):
-                img = b""
             iid = ident.decode("ascii", "replace").strip()
+            try:
+                img = base64.b64decode(b64.strip(), validate=True)
+            except (binascii.Error, ValueError):  # the image column does not decode to bytes at all
+                yield Item(key, reason="image_corrupt", captions=texts.get(iid), meta={"muge_id": iid})
+                continue
             yield Item(key, img, texts.get(iid), None, {"muge_id": iid})
 
 
