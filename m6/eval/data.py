@@ -91,13 +91,15 @@ def load_split(data_uri: str, split: str, max_samples: int | None = None, *, mod
 
     Every sample's split is recomputed from the manifest's split block (its fractions
     and the curated per-sample ``split``, via :func:`m6.data.shards.sample_split`); a
-    sample of the training split is never admitted. ``split="all"`` evaluates the
+    sample is admitted only when that split is the requested one *and* its key hash
+    (:func:`m6.data.shards.split_of`) does not put it in training, so neither way of
+    reading the training split can overlap the evaluation. ``split="all"`` evaluates the
     whole dataset and is refused when the model was trained on that same dataset.
 
     Returns:
         ``(EvalSet, manifest)``.
     """
-    from m6.data.shards import iter_shard, read_manifest, sample_split, shard_uris
+    from m6.data.shards import iter_shard, read_manifest, sample_split, shard_uris, split_of
 
     manifest = read_manifest(data_uri)
     sp = manifest.get("split") or {}
@@ -109,11 +111,17 @@ def load_split(data_uri: str, split: str, max_samples: int | None = None, *, mod
     es = EvalSet(split=split)
     by_hash: dict[str, int] = {}
     seen_by_split = {"train": 0, "val": 0, "test": 0}
+    excluded = 0
     for uri in shard_uris(data_uri, manifest):
         for s in iter_shard(uri):
             which = sample_split(s, sp["val_fraction"], sp["test_fraction"])
             seen_by_split[which] = seen_by_split.get(which, 0) + 1
             if split != "all" and which != split:
+                continue
+            if split != "all" and split_of(s["__key__"], sp["val_fraction"], sp["test_fraction"]) == "train":
+                # Curated as held out (e.g. ``heldout: true``) while its key hashes into the training
+                # split, which a key-hash reader trains on: never evaluate it.
+                excluded += 1
                 continue
             if max_samples is not None and es.samples >= max_samples:
                 break
@@ -137,7 +145,8 @@ def load_split(data_uri: str, split: str, max_samples: int | None = None, *, mod
             break
     es.finish()
     es.overlap = {"method": sp.get("method"), "val_fraction": sp["val_fraction"], "test_fraction": sp["test_fraction"],
-                  "train_samples_admitted": 0, "samples_seen_by_split": seen_by_split}
+                  "train_samples_admitted": 0, "samples_seen_by_split": seen_by_split,
+                  "excluded_key_hash_train": excluded}
     if es.samples == 0:
         raise UserError(f"{data_uri}: the {split!r} split is empty (manifest counts: {sp.get('counts')})")
     log.info("eval set %s: %d samples, %d images, %d texts, %d documents, dropped %s", split, es.samples,

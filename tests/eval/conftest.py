@@ -14,7 +14,8 @@ from m6.config import preset
 KINDS, COLORS = (0, 1, 2, 3), (0, 1, 2, 3)
 
 
-def make_dataset(uri: str, n: int = 96, seed: int = 0, test_fraction: float = 0.3, n_docs: int = 24) -> dict:
+def make_dataset(uri: str, n: int = 96, seed: int = 0, test_fraction: float = 0.3, n_docs: int = 24,
+                 n_heldout: int = 8) -> dict:
     """Write ``n`` image-caption samples and ``n_docs`` text documents as m6.shards/v1 with a tokenizer.
 
     Every sample's split is the key-hash split of ``m6.data.shards.split_of``; returns the manifest.
@@ -38,6 +39,16 @@ def make_dataset(uri: str, n: int = 96, seed: int = 0, test_fraction: float = 0.
         texts.extend(caps)
         writer.write({"__key__": key, "jpg": synth._encode(img, "jpg"), "txt": caps[0],
                       "json": {"captions": caps, "split": split, "attributes": synth.attr_names(a), "lang": "en"}})
+    # Held-out items as curation marks them: split "test" whatever their key hash says.
+    for j in range(n_heldout):
+        a = {"kind": rng.choice(KINDS), "color": rng.choice(COLORS), "pattern": 2, "size": 1, "position": 0,
+             "background": 0}
+        caps = synth.captions_for(a, "en", rng, n=2)
+        key = f"h{seed}-{j:05d}"
+        counts["test"] += 1
+        texts.extend(caps)
+        writer.write({"__key__": key, "jpg": synth._encode(synth.render(a, rng, size=(48, 48)), "jpg"), "txt": caps[0],
+                      "json": {"captions": caps, "split": "test", "heldout": True, "lang": "en"}})
     for j in range(n_docs):
         a = {"kind": rng.choice(KINDS), "color": rng.choice(COLORS), "pattern": rng.randrange(4), "size": rng.randrange(2),
              "position": rng.randrange(5), "background": rng.randrange(4)}
@@ -49,7 +60,7 @@ def make_dataset(uri: str, n: int = 96, seed: int = 0, test_fraction: float = 0.
         writer.write({"__key__": key, "txt": doc, "json": {"kind": "text", "split": split, "lang": "en"}})
     shards = writer.close()
     save_tokenizer(train_tokenizer(texts, vocab_size=400), storage.join(uri, "tokenizer.json"))
-    manifest = {"schema": SCHEMA, "shards": shards, "num_samples": n + n_docs,
+    manifest = {"schema": SCHEMA, "shards": shards, "num_samples": n + n_heldout + n_docs,
                 "split": {"method": SPLIT_METHOD, "val_fraction": 0.0, "test_fraction": test_fraction, "counts": counts},
                 "tokenizer": "tokenizer.json", "image_size": 48, "config": {}}
     storage.write_json(storage.join(uri, "manifest.json"), manifest)

@@ -101,8 +101,13 @@ def test_evaluated_samples_never_come_from_the_training_split(trained_eval, eval
     assert keys and all(split_of(k, val, test) == "test" for k in keys)
     train_keys = {s["__key__"] for s in iter_dataset(eval_data, "train")}
     assert not keys & train_keys
-    seen = doc["data"]["overlap_check"]["samples_seen_by_split"]
-    assert doc["data"]["samples"] == seen["test"] and doc["data"]["overlap_check"]["train_samples_admitted"] == 0
+    check = doc["data"]["overlap_check"]
+    assert check["train_samples_admitted"] == 0
+    # held-out items whose key hashes into training are excluded (a key-hash reader would train on them)
+    heldout = [s["__key__"] for s in iter_dataset(eval_data, "test") if s["json"].get("heldout")]
+    hashed_train = [k for k in heldout if split_of(k, val, test) == "train"]
+    assert hashed_train and check["excluded_key_hash_train"] == len(hashed_train)
+    assert doc["data"]["samples"] == check["samples_seen_by_split"]["test"] - len(hashed_train)
 
 
 def test_training_split_and_own_training_data_are_refused(trained, eval_data, tmp_path):
