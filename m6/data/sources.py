@@ -223,6 +223,16 @@ def _captions_of(rec: dict) -> list | None:
     return None
 
 
+def _read_image(root: str, rel: str) -> bytes | object:
+    """The image a captions.jsonl line names, relative to its folder or to its ``images/`` subfolder."""
+    for cand in (storage.join(root, rel), storage.join(root, "images", rel)):
+        try:
+            return storage.read_bytes(cand)
+        except FileNotFoundError:
+            continue
+    return _MISSING
+
+
 def _read_imagefolder(p: Partition) -> Iterator[Item]:
     with _lines(p.uri, p.start, p.stop) as lines:
         for n, line in lines:
@@ -233,11 +243,7 @@ def _read_imagefolder(p: Partition) -> Iterator[Item]:
             if rec is None or not isinstance(rec.get("image"), str):
                 yield Item(key, reason=reason or "record_malformed", meta={"line": n})
                 continue
-            img_uri = storage.join(p.root, rec["image"])
-            try:
-                data = storage.read_bytes(img_uri)
-            except FileNotFoundError:
-                data = _MISSING
+            data = _read_image(p.root, rec["image"])
             meta = {k: v for k, v in rec.items() if k not in ("captions", "caption", "text", "lang")}
             yield Item(key, data, _captions_of(rec), rec.get("lang"), meta)
 
