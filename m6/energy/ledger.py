@@ -85,6 +85,8 @@ class Ledger:
         self.bin_s = bin_s
         self.bins: list[list[float]] = []
         self.last_power_w = [0.0] * n
+        self.stop_s: float | None = None
+        """Set when the run stops: nothing after it is attributed, however far the timelines reach."""
 
     # ------------------------------------------------------------------ input
 
@@ -104,16 +106,15 @@ class Ledger:
                 continue
             pts.append((t_est, e))
         if self.tau_s is None:
+            # Accounting starts once every timeline covers t0: a lagged reading taken after the start
+            # may describe a moment before it, and must not be counted.
             h = self.horizon()
-            if h is None:
+            if h is None or h < self.t0_s:
                 return
-            self.tau_s = max(self.t0_s, self._start_time())
+            self.tau_s = self.t0_s
             self.e_tau = [self.energy_at(i, self.tau_s) for i in range(self.n)]
             self._boundary = (self.tau_s, list(self.e_tau))
         self.advance()
-
-    def _start_time(self) -> float:
-        return max(p[0][0] for p in self.points)
 
     def horizon(self) -> float | None:
         """The latest moment every sensor's timeline covers."""
@@ -146,7 +147,9 @@ class Ledger:
         if h is None or self.tau_s is None:
             return
         if until_s is not None:
-            h = max(h, until_s)
+            h = until_s  # past the horizon, energy_at holds each sensor's newest value
+        if self.stop_s is not None:
+            h = min(h, self.stop_s)
         while self.pending and self.pending[0].t_s <= h:
             ev = self.pending.popleft()
             self._move_to(max(ev.t_s, self.tau_s))
