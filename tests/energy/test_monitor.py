@@ -77,8 +77,8 @@ def test_nested_windows_attribute_energy_to_the_innermost_and_stages_partition_t
     train_w = next(w for w in doc["windows"] if w["stage"] == "train")
     assert stages["eval"]["energy_j"] == pytest.approx(eval_w["energy_j"], rel=1e-9)
     assert stages["train"]["energy_j"] == pytest.approx(train_w["energy_j"] - eval_w["energy_j"], rel=1e-9)
-    # RAPL zones draw 86 W in total: 0.25 s of eval is ~21 J.
-    assert eval_w["energy_j"] == pytest.approx(86 * (eval_w["t1_s"] - eval_w["t0_s"]), rel=0.05)
+    # RAPL zones draw 86 W in total: 0.25 s of eval is ~21 J, give or take ~35 ms of thread scheduling.
+    assert abs(eval_w["energy_j"] - 86 * (eval_w["t1_s"] - eval_w["t0_s"])) <= 86 * 0.035
     # Steps after the eval window start at its end, so the eval energy is no step's.
     steps_j = sum(g["energy_j"] for g in doc["steps"])
     assert steps_j == pytest.approx(train_w["energy_j"] - eval_w["energy_j"], rel=0.02)
