@@ -1,0 +1,91 @@
+"""Integration with a real Prometheus server and a real Pushgateway."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from m6.config import EnergyConfig
+from m6.energy.monitor import EnergyMonitor
+from m6.energy.report import REPORT_MD
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_prometheus_scrapes_a_training_process_and_promql_returns_the_reported_joules(prometheus, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    worker = subprocess.Popen([sys.executable, str(HERE / "prom_worker.py"), str(out), "12"])
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "port").exists():
+            assert worker.poll() is None and time.monotonic() < deadline, "training process did not start"
+            time.sleep(0.1)
+        prom = prometheus([f"127.0.0.1:{(out / 'port').read_text()}"])
+        while not (out / "done").exists():
+            assert worker.poll() is None and time.monotonic() < deadline + 60, "training did not finish"
+            time.sleep(0.2)
+        doc = json.loads((out / "energy.json").read_text())
+        reported = doc["totals"]["it_energy_j"]
+        assert reported > 0 and doc["totals"]["estimated"]  # no GPU and no RAPL here: an estimate, never 0
+        q = 'sum(m6_energy_joules_total{run_id="prom-train"})'
+        got = None
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            res = prom.query(q)
+            got = float(res[0]["value"][1]) if res else None
+            if got is not None and got == pytest.approx(reported, rel=1e-9):
+                break
+            time.sleep(0.5)
+        assert got == pytest.approx(reported, rel=1e-9)
+        report = (out / REPORT_MD).read_text()
+        assert f"({reported:.6g} J)" in report  # the report states the same joules
+        (train,) = prom.query('m6_energy_joules_total{run_id="prom-train", stage="train"}')
+        assert float(train["value"][1]) == pytest.approx(doc["stages"]["train"]["energy_j"], rel=1e-9)
+        assert train["metric"]["estimated"] == "true" and train["metric"]["source"] == "estimate"
+        (tokens,) = prom.query('m6_tokens_total{run_id="prom-train"}')
+        assert float(tokens["value"][1]) == doc["totals"]["tokens"] == 12 * 4 * 32
+        (carbon,) = prom.query('m6_carbon_grams_total{run_id="prom-train"}')
+        assert float(carbon["value"][1]) == pytest.approx(doc["totals"]["carbon_g"], rel=1e-9)
+    finally:
+        (out / "release").write_text("")
+        worker.wait(timeout=60)
+    assert worker.returncode == 0
+
+
+def test_a_short_step_pushes_its_energy_to_the_pushgateway(pushgateway):
+    mon = EnergyMonitor(EnergyConfig(), run_id="push-step").start()
+    with mon.window("curate"):
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            sum(i * i for i in range(1000))
+    doc = mon.stop()
+    mon.push(pushgateway, job="m6-curate")
+    text = urllib.request.urlopen(pushgateway + "/metrics", timeout=5).read().decode()
+    pushed = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.labels.get("job") == "m6-curate" and s.labels.get("run_id") == "push-step":
+                pushed.setdefault(s.name, []).append(s)
+    joules = pushed["m6_energy_joules_total"]
+    assert {s.labels["stage"] for s in joules} >= {"curate"}
+    assert sum(s.value for s in joules) == pytest.approx(doc["totals"]["it_energy_j"], rel=1e-9)
+    assert pushed["m6_carbon_grams_total"][0].value == pytest.approx(doc["totals"]["carbon_g"], rel=1e-9)
+    assert all(s.labels["estimated"] == "true" for s in joules)
+
+
+def test_push_to_an_unreachable_gateway_names_it():
+    from .fakes import free_port
+
+    mon = EnergyMonitor(EnergyConfig(), run_id="x").start()
+    mon.stop()
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(OSError, match=f"push to Pushgateway {url}"):
+        mon.push(url, job="j")
