@@ -18,6 +18,7 @@ def _hist_png(stats: dict) -> bytes:
 
     h = stats["histograms"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.17, top=0.9, wspace=0.25)
     for ax, (key, title, xlabel) in zip(axes, [("side_px", "kept images: original shorter side", "pixels"),
                                                ("caption_chars", "kept captions: length", "characters"),
                                                ("text_chars", "kept documents: length", "characters")]):
@@ -30,7 +31,6 @@ def _hist_png(stats: dict) -> bytes:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("samples")
-    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
@@ -45,11 +45,11 @@ def _dropped_png(stats: dict) -> bytes:
 
     items = sorted(((r, n) for r, n in stats["dropped"].items() if n), key=lambda x: -x[1])
     fig, ax = plt.subplots(figsize=(8, 0.3 * max(3, len(items)) + 0.8))
+    fig.subplots_adjust(left=0.3, right=0.97, bottom=0.12, top=0.9)
     if items:
         ax.barh([r for r, _ in items][::-1], [n for _, n in items][::-1], color="#c0504d")
     ax.set_xlabel("samples dropped")
     ax.set_title(f"read {stats['read']}, kept {stats['kept']}, dropped {stats['dropped_total']}", fontsize=10)
-    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
@@ -63,7 +63,7 @@ def _cell(ex: dict) -> str:
             f'{html.escape(ex.get("text") or "∅")}</figcaption></figure>')
 
 
-def render_html(stats: dict, examples: dict[str, list[dict]], kept_examples: list[dict]) -> str:
+def render_html(stats: dict, examples: dict[str, list[dict]], kept_examples: list[dict], hist_png: bytes) -> str:
     """The self-contained HTML report (images inlined as data URIs)."""
     def b64(png: bytes) -> str:
         return base64.b64encode(png).decode("ascii")
@@ -88,7 +88,7 @@ table{{border-collapse:collapse}} td{{border:1px solid #ccc;padding:2px 6px}}</s
 <h2>Dropped per reason</h2><table>{rows}</table>
 <p><img src="data:image/png;base64,{b64(_dropped_png(stats))}" alt="drops"></p>
 <p>Cleaned (kept, text changed): {html.escape(str(stats['modified']))}</p>
-<h2>Distributions</h2><p><img src="data:image/png;base64,{b64(_hist_png(stats))}" alt="histograms"></p>
+<h2>Distributions</h2><p><img src="data:image/png;base64,{b64(hist_png)}" alt="histograms"></p>
 <h2>Examples</h2>{''.join(sections)}
 </body></html>"""
 
@@ -97,6 +97,7 @@ def write_report(output: str, stats: dict, examples: dict[str, list[dict]], kept
     """Write ``report.html`` (and ``report_hist.png``) into the dataset; returns the report's URI."""
     kept = [ex for i in sorted(kept_by_part) for ex in kept_by_part[i]][:24]
     uri = storage.join(output, "report.html")
-    storage.write_text(uri, render_html(stats, examples, kept))
-    storage.write_bytes(storage.join(output, "report_hist.png"), _hist_png(stats))
+    hist = _hist_png(stats)
+    storage.write_text(uri, render_html(stats, examples, kept, hist))
+    storage.write_bytes(storage.join(output, "report_hist.png"), hist)
     return uri

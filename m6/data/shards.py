@@ -109,7 +109,7 @@ class TarSink:
         self.uri = uri
         self._tmp = tempfile.NamedTemporaryFile(prefix="m6-shard-", suffix=".tar", dir=tmp_dir, delete=False)
         self._hw = _HashingWriter(self._tmp)
-        self._tar = tarfile.open(fileobj=self._hw, mode="w|", format=tarfile.PAX_FORMAT)
+        self._tar = tarfile.open(fileobj=self._hw, mode="w|", format=tarfile.GNU_FORMAT)
         self.samples = 0
         self.reused = False
 
