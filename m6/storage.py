@@ -97,13 +97,14 @@ class S3Settings:
         )
 
 
-_clients: dict[S3Settings, Any] = {}
+_clients: dict[tuple[S3Settings, int], Any] = {}
+"""Cached clients per (settings, process id): a forked child must not reuse its parent's pooled sockets."""
 
 
 def s3_client():
     """A cached ``minio.Minio`` client for the environment's endpoint and credentials."""
     settings = S3Settings.from_env()
-    client = _clients.get(settings)
+    client = _clients.get((settings, os.getpid()))
     if client is None:
         import minio
         import urllib3
@@ -113,7 +114,7 @@ def s3_client():
         http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=10, read=120), retries=False, maxsize=16)
         client = minio.Minio(u.netloc, access_key=settings.access_key, secret_key=settings.secret_key,
                              secure=u.scheme == "https", region=settings.region, http_client=http)
-        _clients[settings] = client
+        _clients[(settings, os.getpid())] = client
     return client
 
 

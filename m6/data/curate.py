@@ -168,7 +168,8 @@ def curate(inputs: list[str], output: str, cfg: DataConfig, fmt: str | None = No
     t0 = time.perf_counter()
     parts = discover(inputs, fmt)
     work = storage.join(output, WORK_DIR)
-    storage.delete(storage.join(output, "COMPLETE"))  # the dataset is not complete while being rewritten
+    if storage.exists(storage.join(output, "COMPLETE")):  # not complete while it is being rewritten
+        storage.delete(storage.join(output, "COMPLETE"))
     log.info("curating %d inputs as %d partitions with %d workers into %s", len(inputs), len(parts), cfg.workers, output)
     part_stats, resumed = _worker_stage(parts, cfg, work, cfg.workers)
     t_workers = time.perf_counter() - t0

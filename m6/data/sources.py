@@ -97,11 +97,12 @@ def _line_parts(uri: str, every: int) -> list[tuple[int, int | None]]:
 
 
 def _is_muge_texts(uri: str) -> bool:
+    """A jsonl whose first record maps a text to image ids (MUGE's ``query_text`` + ``item_ids``)."""
     with storage.open_read(uri) as f:
-        head = io.BufferedReader(f).readline() if not hasattr(f, "readline") else f.readline()
+        head = io.BufferedReader(f).readline() if isinstance(f, io.RawIOBase) else f.readline()
     try:
         rec = json.loads(head)
-    except Exception:
+    except ValueError:
         return False
     return isinstance(rec, dict) and ("item_ids" in rec or "image_ids" in rec)
 
@@ -142,8 +143,8 @@ def discover(inputs: list[str], fmt: str | None = None) -> list[Partition]:
 
 def _classify(i: int, inp: str, files: list[str], fmt: str | None, is_file: bool) -> list:
     names = {storage.basename(u): u for u in files}
-    root = storage.join(inp, "") if not is_file else inp.rsplit("/", 1)[0] if "/" in inp else "."
-    root = root.rstrip("/") or "."
+    # Relative image paths resolve against the input folder, or the folder holding an input file.
+    root = (inp.rstrip("/").rsplit("/", 1)[0] if "/" in inp.rstrip("/") else ".") if is_file else inp.rstrip("/")
     out = []
     if fmt == "imagefolder" or (fmt is None and "captions.jsonl" in names):
         cap = names.get("captions.jsonl") or (inp if is_file else None)
@@ -180,7 +181,7 @@ def _classify(i: int, inp: str, files: list[str], fmt: str | None, is_file: bool
 @contextlib.contextmanager
 def _lines(uri: str, start: int, stop: int | None) -> Iterator[Iterator[tuple[int, bytes]]]:
     with storage.open_read(uri) as f:
-        buf = f if hasattr(f, "readline") and not isinstance(f, io.RawIOBase) else io.BufferedReader(f)
+        buf = io.BufferedReader(f) if isinstance(f, io.RawIOBase) else f
 
         def gen() -> Iterator[tuple[int, bytes]]:
             for n, line in enumerate(buf):

@@ -94,7 +94,7 @@ def test_s3_curation_survives_a_failure_mid_upload_and_resumes(s3_env, s3_server
     assert proxy.cuts >= 1
     proxy.heal()
     assert not storage.is_complete(out)
-    stats = curate([src], out, small_cfg())
+    stats = curate([src], out, small_cfg(workers=2))  # forked workers open their own S3 connections
     _invariant(stats)
     assert stats["resumed_partitions"] >= 1
     assert stats["kept"] == local["kept"] and stats["dropped"] == local["dropped"]
