@@ -31,6 +31,10 @@ def expert_mlp(x_ND: torch.Tensor, w1_EDF: torch.Tensor, w2_EFD: torch.Tensor, c
                *, method: str = "auto") -> torch.Tensor:
     """``gelu(x @ w1[e]) @ w2[e]`` for each expert e over its ``counts_E[e]`` consecutive rows of ``x_ND``.
 
+    One autograd node for the whole expert MLP: the backward is written out as four
+    grouped matmuls and keeps only ``x`` and the pre-activation for it (GELU is
+    recomputed), one ``N×F`` activation less than autograd through separate ops.
+
     Args:
         x_ND: rows sorted by expert.
         w1_EDF, w2_EFD: stacked expert weights.
@@ -38,25 +42,67 @@ def expert_mlp(x_ND: torch.Tensor, w1_EDF: torch.Tensor, w2_EFD: torch.Tensor, c
         method: "grouped" (``torch._grouped_mm``), "loop" (one matmul per expert over
             ``unbind``-ed weights) or "auto" (grouped where supported).
     """
-    if x_ND.dtype != w1_EDF.dtype:
+    if method not in ("auto", "grouped", "loop"):
+        raise ValueError(f"method must be auto|grouped|loop, got {method!r}")
+    dev = x_ND.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        x_ND, w1_EDF, w2_EFD = x_ND.to(dt), w1_EDF.to(dt), w2_EFD.to(dt)
+    elif x_ND.dtype != w1_EDF.dtype:
         x_ND = x_ND.to(w1_EDF.dtype)
-    use_grouped = method == "grouped" or (method == "auto" and grouped_mm_supported(x_ND, w1_EDF))
-    if use_grouped and x_ND.shape[0] > 0:
-        offs = torch.tensor(counts_E, device=x_ND.device, dtype=torch.int64).cumsum(0).to(torch.int32)
-        h_NF = F.gelu(torch._grouped_mm(x_ND, w1_EDF, offs=offs))
-        return torch._grouped_mm(h_NF, w2_EFD, offs=offs)
-    return _loop_mlp(x_ND, w1_EDF, w2_EFD, counts_E)
+    if method == "grouped" and not grouped_mm_supported(x_ND, w1_EDF):
+        raise ValueError(f"torch._grouped_mm cannot run on {x_ND.dtype} {tuple(w1_EDF.shape)} on {dev}")
+    grouped = method == "grouped" or (method == "auto" and grouped_mm_supported(x_ND, w1_EDF))
+    return _ExpertMLP.apply(x_ND, w1_EDF, w2_EFD, [int(c) for c in counts_E], grouped)
 
 
-def _loop_mlp(x_ND, w1_EDF, w2_EFD, counts_E):
-    outs = []
-    for x_nD, w1, w2, n in zip(x_ND.split(counts_E), w1_EDF.unbind(0), w2_EFD.unbind(0), counts_E):
+def _rows_mm(a_NK: torch.Tensor, w_EKM: torch.Tensor, counts: list[int], offs, grouped: bool) -> torch.Tensor:
+    """``out[rows of e] = a[rows of e] @ w[e]``."""
+    if grouped and a_NK.shape[0] > 0:
+        return torch._grouped_mm(a_NK, w_EKM, offs=offs)
+    out = a_NK.new_empty(a_NK.shape[0], w_EKM.shape[-1])
+    for a, w, o, n in zip(a_NK.split(counts), w_EKM.unbind(0), out.split(counts), counts):
         if n:
-            outs.append(F.gelu(x_nD @ w1) @ w2)
-    if not outs:
-        # No rows: keep the weights in the graph so every rank's backward touches the same parameters.
-        return x_ND.new_zeros(0, w2_EFD.shape[-1]) + 0.0 * (w1_EDF.sum() + w2_EFD.sum())
-    return torch.cat(outs, 0)
+            torch.mm(a, w, out=o)
+    return out
+
+
+def _weights_mm(a_NK: torch.Tensor, b_NM: torch.Tensor, counts: list[int], offs, grouped: bool) -> torch.Tensor:
+    """``out[e] = a[rows of e]ᵀ @ b[rows of e]`` (weight gradients); zero for experts without rows."""
+    E = len(counts)
+    if grouped and a_NK.shape[0] > 0:
+        return torch._grouped_mm(a_NK.t(), b_NM, offs=offs)
+    out = a_NK.new_zeros(E, a_NK.shape[1], b_NM.shape[1])
+    for a, b, o, n in zip(a_NK.split(counts), b_NM.split(counts), out.unbind(0), counts):
+        if n:
+            torch.mm(a.t(), b, out=o)
+    return out
+
+
+class _ExpertMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, w1_EDF, w2_EFD, counts, grouped):
+        offs = torch.tensor(counts, dtype=torch.int64, device=x_ND.device).cumsum(0).to(torch.int32)
+        pre_NF = _rows_mm(x_ND, w1_EDF, counts, offs, grouped)
+        y_ND = _rows_mm(F.gelu(pre_NF), w2_EFD, counts, offs, grouped)
+        ctx.save_for_backward(x_ND, pre_NF, w1_EDF, w2_EFD, offs)
+        ctx.counts, ctx.grouped = counts, grouped
+        return y_ND
+
+    @staticmethod
+    def backward(ctx, dy_ND):
+        x_ND, pre_NF, w1_EDF, w2_EFD, offs = ctx.saved_tensors
+        counts, grouped = ctx.counts, ctx.grouped
+        dy_ND = dy_ND.contiguous()
+        h_NF = F.gelu(pre_NF)  # recomputed instead of stored
+        dw2 = _weights_mm(h_NF, dy_ND, counts, offs, grouped)
+        dh_NF = _rows_mm(dy_ND, w2_EFD.transpose(1, 2), counts, offs, grouped)
+        del h_NF
+        dpre_NF = torch.ops.aten.gelu_backward(dh_NF, pre_NF)
+        del dh_NF
+        dw1 = _weights_mm(x_ND, dpre_NF, counts, offs, grouped)
+        dx = _rows_mm(dpre_NF, w1_EDF.transpose(1, 2), counts, offs, grouped) if ctx.needs_input_grad[0] else None
+        return dx, dw1, dw2, None, None
 
 
 class _AllToAll(torch.autograd.Function):

@@ -91,14 +91,20 @@ def test_moe_matches_per_token_reference_in_outputs_and_gradients(case, dtype):
         assert dropped == 0
 
 
-def test_fp32_grouped_mm_and_loop_dispatch_agree():
+def test_fp32_grouped_mm_and_loop_dispatch_agree_in_outputs_and_gradients_with_an_empty_expert():
     torch.manual_seed(1)
-    x = torch.randn(50, 32)
-    w1, w2 = torch.randn(4, 32, 40) * 0.1, torch.randn(4, 40, 32) * 0.1
     counts = [20, 0, 17, 13]
-    a = expert_mlp(x, w1, w2, counts, method="grouped")
-    b = expert_mlp(x, w1, w2, counts, method="loop")
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    results = []
+    for method in ("grouped", "loop"):
+        x = torch.randn(50, 32, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        w1 = (torch.randn(4, 32, 48, generator=torch.Generator().manual_seed(1)) * 0.1).requires_grad_()
+        w2 = (torch.randn(4, 48, 32, generator=torch.Generator().manual_seed(2)) * 0.1).requires_grad_()
+        y = expert_mlp(x, w1, w2, counts, method=method)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=torch.float32)).view_as(y))
+        results.append((y, x.grad, w1.grad, w2.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert (results[0][2][1] == 0).all() and (results[0][3][1] == 0).all(), "an expert without rows gets zero grads"
 
 
 def test_load_balancing_and_z_loss_match_hand_computed_values():
