@@ -15,7 +15,7 @@ from m6 import storage
 from m6.config import DataConfig
 from m6.data.dedup import Deduplicator
 from m6.data.filters import REASONS
-from m6.data.shards import SCHEMA, SPLIT_METHOD, ShardWriter, iter_shard, split_of
+from m6.data.shards import SCHEMA, SPLIT_METHOD, ShardWriter, heldout_key, iter_shard, split_of
 from m6.data.sources import Partition, discover
 from m6.data.worker import completed_part, part_uris, process_partition, thumbnail
 from m6.errors import UserError
@@ -121,9 +121,11 @@ def _final_stage(parts: list[Partition], part_stats: list[dict], cfg: DataConfig
                         ex.append({"key": s["__key__"], "text": s["txt"][:120],
                                    "thumb": thumbnail(s.get("jpg") or s.get("png"))})
                     continue
-                # Held-out attribute combinations always go to test: evaluation measures generalisation on them.
-                meta["split"] = "test" if meta.get("heldout") else split_of(s["__key__"], cfg.val_fraction,
-                                                                               cfg.test_fraction)
+                # Held-out attribute combinations always go to test (evaluation measures generalisation on
+                # them); renaming the key keeps split_of(key) the single rule every reader applies.
+                if meta.get("heldout"):
+                    s["__key__"] = heldout_key(s["__key__"], cfg.val_fraction, cfg.test_fraction)
+                meta["split"] = split_of(s["__key__"], cfg.val_fraction, cfg.test_fraction)
                 heldout += int(bool(meta.get("heldout")))
                 split_counts[meta["split"]] += 1
                 kept_by[(meta["kind"], meta["lang"])] += 1
@@ -225,7 +227,7 @@ def curate(inputs: list[str], output: str, cfg: DataConfig, fmt: str | None = No
     write_report(output, stats, examples, {s["partition"]["index"]: s.get("kept_examples", []) for s in part_stats})
     manifest = {
         "schema": SCHEMA, "shards": final["shards"], "num_samples": kept,
-        "split": {"method": SPLIT_METHOD + "; samples with heldout=true → test", "val_fraction": cfg.val_fraction,
+        "split": {"method": SPLIT_METHOD, "val_fraction": cfg.val_fraction,
                   "test_fraction": cfg.test_fraction, "counts": final["split"]},
         "tokenizer": "tokenizer.json", "image_size": cfg.image_size, "image_format": cfg.image_format,
         "stats": "stats.json", "report": "report.html", "inputs": list(inputs), "config": dataclasses.asdict(cfg),

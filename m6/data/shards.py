@@ -16,7 +16,8 @@ from m6 import storage
 from m6.errors import UserError
 
 SCHEMA = "m6.shards/v1"
-SPLIT_METHOD = "sha1(key) as uniform [0,1): < test_fraction → test, < test+val → val, else train"
+SPLIT_METHOD = ("sha1(key) as uniform [0,1): < test_fraction → test, < test+val → val, else train; "
+                "held-out samples' keys carry a -hN suffix chosen so that they hash into test")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -32,6 +33,20 @@ def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
     if u < test_fraction + val_fraction:
         return "val"
     return "train"
+
+
+def heldout_key(key: str, val_fraction: float, test_fraction: float) -> str:
+    """``key`` with the smallest suffix ``-hN`` that :func:`split_of` puts in ``test``.
+
+    Samples of held-out attribute combinations are renamed this way during curation, so
+    every reader that splits by key hash alone agrees that they are test data.
+    """
+    if test_fraction <= 0:
+        return key
+    n = 0
+    while split_of(f"{key}-h{n}", val_fraction, test_fraction) != "test":
+        n += 1
+    return f"{key}-h{n}"
 
 
 def sample_split(sample: dict, val_fraction: float, test_fraction: float) -> str:

@@ -11,7 +11,7 @@ from m6 import storage
 from m6.cli import main
 from m6.data import sources
 from m6.data.curate import curate
-from m6.data.shards import iter_dataset, read_manifest, shard_uris, verify_shard
+from m6.data.shards import iter_dataset, read_manifest, shard_uris, split_of, verify_shard
 from m6.data.sources import discover
 from m6.data.synth import synthesize
 from m6.data.tokenizer import load_tokenizer
@@ -41,9 +41,11 @@ def test_synthetic_corpus_curates_into_a_complete_dataset(synth_dir, tmp_path):
         assert s["json"]["kind"] in ("image", "text") and s["txt"]
         if s["json"]["kind"] == "image":
             assert min(s["json"]["size"]) == 32 and "jpg" in s
+        assert s["json"]["split"] == split_of(s["__key__"], 0.05, 0.05)
         if s["json"].get("heldout"):
             assert s["json"]["split"] == "test"
     assert {s["json"]["lang"] for s in samples} == {"en", "zh"}
+    assert any(s["json"].get("heldout") for s in samples)
     tok = load_tokenizer(out)
     assert tok.decode(tok.encode(samples[0]["txt"]).ids) == samples[0]["txt"]
     html = storage.read_text(out + "/report.html")

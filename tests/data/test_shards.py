@@ -10,7 +10,7 @@ from conftest import jpeg
 
 from m6 import storage
 from m6.config import SPECIAL_TOKENS
-from m6.data.shards import ShardWriter, iter_shard, sample_split, split_of, verify_shard
+from m6.data.shards import ShardWriter, heldout_key, iter_shard, sample_split, split_of, verify_shard
 from m6.data.synth import is_heldout, synthesize
 from m6.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
@@ -77,6 +77,9 @@ def test_split_is_deterministic_and_follows_the_fractions():
     assert abs(c["val"] / 20000 - 0.1) < 0.01 and abs(c["test"] / 20000 - 0.05) < 0.01
     assert [split_of(k, 0.1, 0.05) for k in keys[:50]] == [split_of(k, 0.1, 0.05) for k in keys[:50]]
     assert sample_split({"__key__": "x", "json": {"heldout": True}}, 0.1, 0.05) == "test"
+    for k in keys[:200]:
+        hk = heldout_key(k, 0.1, 0.05)
+        assert hk.startswith(k + "-h") and split_of(hk, 0.1, 0.05) == "test"
 
 
 def test_tokenizer_round_trips_chinese_and_english_with_fixed_special_ids(tmp_path):
