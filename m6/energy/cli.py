@@ -12,6 +12,8 @@ def register(subparsers) -> None:
     r = sub.add_parser("report", help="render energy_report.md and energy_power.png from a run's energy.json")
     r.add_argument("--run", required=True, help="run folder (local path or s3://) holding energy.json")
     r.add_argument("--out", default=None, help="where to write the report (default: the run folder)")
+    r.add_argument("--prometheus", default=None, metavar="URL",
+                   help="cross-check against DCGM/Kepler exporters scraped by this Prometheus")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     r.set_defaults(func=_report)
 
@@ -20,7 +22,7 @@ def _report(args: argparse.Namespace) -> int:
     from m6.cli import emit
     from m6.energy.report import render
 
-    s = render(args.run, args.out)
+    s = render(args.run, args.out, prometheus_url=args.prometheus)
     kind = "estimated" if s["estimated"] else "measured"
     stages = ", ".join(f"{k} {v:.4g} J" for k, v in sorted(s["stages"].items()))
     sources = ", ".join(f"{k} {v['energy_j']:.4g} J ({'estimated' if v['estimated'] else 'measured'})"

@@ -106,6 +106,7 @@ class EnergyMonitor:
         self.t1_s = 0.0
         """Monotonic start and stop times: the span the figures cover."""
         self.started_at = ""
+        self.started_unix_s = 0.0
         self.overhead_s = 0.0
         self.document: dict | None = None
         self._registry = None
@@ -131,7 +132,8 @@ class EnergyMonitor:
         """Take the first reading and start the sampling thread."""
         if self._thread is not None:
             raise RuntimeError("EnergyMonitor.start() called twice")
-        self.started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.started_at, self.started_unix_s = now.isoformat(timespec="seconds"), now.timestamp()
         self.t0_s = time.monotonic()
         self.ledger = Ledger(lags_s=[s.lag_s for s in self.sensors], counted=[s.counted for s in self.sensors],
                              min_window_s=self.min_window_s, t0_s=self.t0_s)
@@ -246,6 +248,7 @@ class EnergyMonitor:
         stages = {stage: dict(zip(self.keys, per_j)) for stage, per_j in led.stage_j.items()}
         windows = [{k: v for k, v in w.items() if k != "per_sensor_j"} for w in led.windows]
         return {"rank": self.rank, "node": self.node_id, "started_at": self.started_at,
+                "started_unix_s": self.started_unix_s,
                 "duration_s": (led.tau_s or self.t0_s) - self.t0_s, "devices": devices, "stages": stages,
                 "stage_time_s": dict(led.stage_time_s), "windows": windows, "steps": list(led.groups),
                 "tokens": led.tokens, "steps_done": led.steps, "power": {"bin_s": bin_s, "series": series},
@@ -285,6 +288,18 @@ class EnergyMonitor:
             self.document["disabled"] = not self.cfg.enabled
         for s in self.sensors:
             s.close()
+        if self.cfg.prometheus_cross_check and self.rank == 0:
+            from m6.energy.crosscheck import cross_check
+
+            self.document["external_cross_checks"] = cross_check(self.document, self.cfg.prometheus_cross_check)
+        if self.cfg.pushgateway:
+            # A short pipeline step is gone before any scrape: its final figures go to the Pushgateway.
+            try:
+                self.push(self.cfg.pushgateway, job=f"m6-{self.run_id}")
+                self.document["pushed_to"] = self.cfg.pushgateway
+            except OSError as e:
+                log.warning("%s", e)
+                self.document["push_error"] = str(e)
         return self.document
 
     def _poll_locked_final(self, t_stop: float) -> None:

@@ -105,6 +105,16 @@ def markdown(doc: dict, png_name: str | None = REPORT_PNG) -> str:
             diff = "n/a" if x["diff_rel"] is None else f"{x['diff_rel']:+.2%}"
             lines.append(f"| {x['rank']} | {x['device']} | {x['reference_source']} {_j(x['reference_j'])} | "
                          f"{x['source']} {_j(x['energy_j'])} | {diff} |")
+    ext = doc.get("external_cross_checks") or []
+    if ext:
+        lines += ["", "## Exporter cross-checks (PromQL)", "", "| exporter | ours | exporter | difference |",
+                  "|---|---|---|---|"]
+        for x in ext:
+            if "error" in x:
+                lines.append(f"| {x['source']} | {_j(x.get('ours_j'))} | unavailable: {x['error']} | n/a |")
+            else:
+                diff = "n/a" if x["diff_rel"] is None else f"{x['diff_rel']:+.2%}"
+                lines.append(f"| {x['source']} | {_j(x['ours_j'])} | {_j(x['energy_j'])} | {diff} |")
     lines += ["", "## Compared with published training runs", "",
               "Facility energy of this run against Patterson et al. 2021 (arXiv 2104.10350); a ratio below 1 means "
               "this run spent less energy per unit of work.", "",
@@ -156,14 +166,19 @@ def plot_png(doc: dict) -> bytes:
     return buf.getvalue()
 
 
-def render(run_uri: str, out_uri: str | None = None) -> dict:
+def render(run_uri: str, out_uri: str | None = None, prometheus_url: str | None = None) -> dict:
     """Write ``energy_report.md`` and ``energy_power.png`` for a run; returns their URIs and the headline figures.
 
     Args:
         run_uri: the run folder holding energy.json (local or s3://), or the energy.json itself.
         out_uri: where to write the report (default: beside energy.json).
+        prometheus_url: query DCGM/Kepler exporters there for the run's span and add the cross-check.
     """
     doc = load_document(run_uri)
+    if prometheus_url:
+        from m6.energy.crosscheck import cross_check
+
+        doc["external_cross_checks"] = cross_check(doc, prometheus_url)
     folder = out_uri or (run_uri.rsplit("/", 1)[0] if run_uri.endswith(".json") else run_uri)
     md_uri, png_uri = storage.join(folder, REPORT_MD), storage.join(folder, REPORT_PNG)
     storage.write_bytes(png_uri, plot_png(doc))
@@ -172,7 +187,7 @@ def render(run_uri: str, out_uri: str | None = None) -> dict:
     return {"report": md_uri, "plot": png_uri, "run_id": doc["run_id"], "it_energy_j": t["it_energy_j"],
             "facility_energy_j": t["facility_energy_j"], "kwh": t["it_energy_j"] / J_PER_KWH,
             "carbon_g": t["carbon_g"], "j_per_token": t["j_per_token"], "coverage_measured": t["coverage_measured"],
-            "estimated": t["estimated"],
+            "estimated": t["estimated"], "external_cross_checks": doc.get("external_cross_checks", []),
             "stages": {k: v["energy_j"] for k, v in doc["stages"].items()},
             "by_source": {k: {"energy_j": v["energy_j"], "estimated": v["estimated"]}
                           for k, v in doc["by_source"].items()}}

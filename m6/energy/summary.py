@@ -126,7 +126,8 @@ def build_document(parts: list[dict], cfg: EnergyConfig, *, run_id: str, flops_p
         for key, watts in p["power"]["series"].items():
             series[f"rank{p['rank']}/{key}"] = watts
     doc = {
-        "schema": SCHEMA, "run_id": run_id, "started_at": base["started_at"], "duration_s": max(p["duration_s"] for p in parts),
+        "schema": SCHEMA, "run_id": run_id, "started_at": base["started_at"],
+        "started_unix_s": base.get("started_unix_s"), "duration_s": max(p["duration_s"] for p in parts),
         "world_size": len(parts), "nodes": sorted({p["node"] for p in parts}),
         "config": {"pue": cfg.pue, "sample_hz": cfg.sample_hz, "grid_region": cfg.grid_region,
                    "grid_gco2_per_kwh": cfg.grid_gco2_per_kwh},

@@ -73,6 +73,16 @@ class PrometheusServer:
         assert body["status"] == "success", body
         return body["data"]["result"]
 
+    def wait_scraping(self, n_targets: int, timeout_s: float = 30.0) -> None:
+        """Block until every target has been scraped once (Prometheus applies new targets on a 5-s tick)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            up = self.query("up")
+            if len(up) >= n_targets and all(r["value"][1] == "1" for r in up):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"Prometheus at {self.url} did not scrape its {n_targets} target(s) in {timeout_s}s")
+
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=20)

@@ -61,18 +61,19 @@ def test_prometheus_scrapes_a_training_process_and_promql_returns_the_reported_j
 
 
 def test_a_short_step_pushes_its_energy_to_the_pushgateway(pushgateway):
-    mon = EnergyMonitor(EnergyConfig(), run_id="push-step").start()
+    # energy.pushgateway set: stop() pushes the step's final figures itself.
+    mon = EnergyMonitor(EnergyConfig(pushgateway=pushgateway), run_id="push-step").start()
     with mon.window("curate"):
         end = time.monotonic() + 0.3
         while time.monotonic() < end:
             sum(i * i for i in range(1000))
     doc = mon.stop()
-    mon.push(pushgateway, job="m6-curate")
+    assert doc["pushed_to"] == pushgateway
     text = urllib.request.urlopen(pushgateway + "/metrics", timeout=5).read().decode()
     pushed = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
-            if s.labels.get("job") == "m6-curate" and s.labels.get("run_id") == "push-step":
+            if s.labels.get("job") == "m6-push-step" and s.labels.get("run_id") == "push-step":
                 pushed.setdefault(s.name, []).append(s)
     joules = pushed["m6_energy_joules_total"]
     assert {s.labels["stage"] for s in joules} >= {"curate"}
@@ -89,3 +90,52 @@ def test_push_to_an_unreachable_gateway_names_it():
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(OSError, match=f"push to Pushgateway {url}"):
         mon.push(url, job="j")
+
+
+class _DcgmExporter:
+    """dcgm-exporter's energy counter for fake GPUs: millijoules, labelled by UUID, read at scrape time."""
+
+    def __init__(self, nv):
+        self.nv = nv
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        # dcgm-exporter's counter has no _total suffix, which prometheus_client's counters would add.
+        fam = GaugeMetricFamily("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "Total energy since boot (mJ).",
+                                labels=["gpu", "UUID", "Hostname"])
+        for g in self.nv.gpus:
+            fam.add_metric([str(g.index), g.uuid, "node-a"], float(g.counter_mj(time.monotonic())))
+        yield fam
+
+
+def test_dcgm_cross_check_queries_prometheus_for_the_runs_gpus(prometheus, tmp_path):
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from m6.energy.nvml import open_gpu_sensors
+    from m6.energy.report import render
+
+    from .fakes import fake_nvml
+
+    nv = fake_nvml(2)
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_DcgmExporter(nv))
+    server, _ = start_http_server(0, addr="127.0.0.1", registry=reg)
+    try:
+        prom = prometheus([f"127.0.0.1:{server.server_address[1]}"])
+        prom.wait_scraping(1)
+        time.sleep(0.6)  # another scrape before the run starts
+        mon = EnergyMonitor(EnergyConfig(sample_hz=20), run_id="dcgm",
+                            sensors=open_gpu_sensors(1, nvml=nv, cross_check=False)).start()
+        time.sleep(4.0)
+        mon.stop()
+        mon.write(str(tmp_path / "energy.json"))
+        time.sleep(1.5)  # let Prometheus scrape past the end of the run
+        s = render(str(tmp_path), prometheus_url=prom.url)
+    finally:
+        server.shutdown()
+    (dcgm,) = s["external_cross_checks"]
+    assert "error" not in dcgm, dcgm
+    assert dcgm["source"] == "dcgm" and nv.gpus[1].uuid in dcgm["query"] and nv.gpus[0].uuid not in dcgm["query"]
+    assert dcgm["energy_j"] == pytest.approx(dcgm["ours_j"], rel=0.10)
+    assert "Exporter cross-checks" in (tmp_path / "energy_report.md").read_text()
