@@ -73,6 +73,32 @@ class M6Model(nn.Module):
         for t in (self.img_pos, self.tok.weight, self.txt_pos.weight, self.seg.weight):
             nn.init.normal_(t, std=0.02)
 
+    def load_backbone(self, backbone: "str | nn.Module") -> None:
+        """Replace the trainable conv stem with a local pretrained image backbone (M6 uses a ResNet).
+
+        Args:
+            backbone: a TorchScript file path (``torch.jit.save``) or a module; it must map
+                ``[B,3,S,S]`` to a ``[B,C,S/p,S/p]`` feature map. A fresh 1×1 projection
+                maps C to d_model. Nothing is downloaded.
+
+        Raises:
+            ValueError: when the backbone's feature map does not line up with the patch grid.
+        """
+        if isinstance(backbone, str):
+            from pathlib import Path
+
+            if not Path(backbone).is_file():
+                raise ValueError(f"backbone file {backbone} does not exist")
+            backbone = torch.jit.load(backbone, map_location="cpu")
+        S, p = self.cfg.image_size, self.cfg.patch_size
+        with torch.no_grad():
+            feats = backbone(torch.zeros(1, 3, S, S))
+        if feats.dim() != 4 or tuple(feats.shape[2:]) != (S // p, S // p):
+            raise ValueError(f"backbone maps [1,3,{S},{S}] to {list(feats.shape)}; need [1,C,{S // p},{S // p}] "
+                             f"(one feature vector per {p}-px patch)")
+        device = self.img_pos.device
+        self.patch = PatchEncoder(self.cfg, backbone=backbone, backbone_channels=feats.shape[1]).to(device)
+
     # ------------------------------------------------------------------ inputs
 
     def _check_text(self, text: torch.Tensor) -> None:

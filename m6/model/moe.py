@@ -104,6 +104,8 @@ class GroupedExperts(nn.Module):
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, *, ep_size: int = 1):
         super().__init__()
+        self.method = "auto"
+        """Expert kernel: "auto" (grouped matmul where supported), "grouped" or "loop"."""
         self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         nn.init.normal_(self.w1_EDF, std=d_model ** -0.5)
@@ -116,7 +118,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
         """Apply expert e to the ``counts_E[e]`` consecutive rows that belong to it."""
-        return expert_mlp(x_ND, self.w1_EDF, self.w2_EFD, counts_E)
+        return expert_mlp(x_ND, self.w1_EDF, self.w2_EFD, counts_E, method=self.method)
 
 
 class MoE(nn.Module):

@@ -201,3 +201,19 @@ def test_tiny_model_overfits_a_few_image_caption_pairs_and_retrieves_them():
     assert sim.argmax(1).tolist() == [0, 1, 2, 3]
     norms = model.embed_image(b["image"]).norm(dim=-1)
     torch.testing.assert_close(norms, torch.ones(4))
+
+
+def test_a_local_torchscript_backbone_replaces_the_patch_stem(tmp_path):
+    torch.manual_seed(6)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 12, 8, stride=8), torch.nn.ReLU())
+    path = tmp_path / "backbone.pt"
+    torch.jit.save(torch.jit.script(net), str(path))
+    model = M6Model(tiny_cfg())
+    model.load_backbone(str(path))
+    out = model(make_batch(), "caption")
+    out["loss"].backward()
+    assert model.patch.proj.weight.shape[1] == 12 and model.patch.proj.weight.grad is not None
+    with pytest.raises(ValueError, match="one feature vector per 8-px patch"):
+        model.load_backbone(torch.nn.Conv2d(3, 12, 4, stride=4))
+    with pytest.raises(ValueError, match="does not exist"):
+        model.load_backbone(str(tmp_path / "missing.pt"))

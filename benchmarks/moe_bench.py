@@ -1,0 +1,204 @@
+"""MoE layer benchmark: forward+backward time per token as a ratio to a dense FFN, vs DeepSpeed's MoE and a per-expert loop.
+
+Every variant runs the same expert math (GELU MLP d → d_ff → d, no biases) with the
+same router weights, so the layers route identically. Repetitions are interleaved
+(one round = every variant once, in a fresh shuffled order) and the reported ratio
+is the median over rounds of time(variant) / time(dense FFN) within the round,
+which cancels most of the load from other processes on a shared machine. The dense
+floor of a top-k MoE is a dense FFN of the expert's size on k × tokens rows.
+
+Memory: bytes of the tensors each variant saves for its backward (deduplicated by
+storage), i.e. the activation memory held between forward and backward.
+
+    .venv/bin/python benchmarks/moe_bench.py                      # full table (~5-10 min on 2 cores)
+    .venv/bin/python benchmarks/moe_bench.py --tokens 2048 --reps 3 --experts 8,16   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from m6.model.moe import MoE, MoEConfig  # noqa: E402
+
+
+def dense_ffn(d: int, f: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(d, f, bias=False), nn.GELU(), nn.Linear(f, d, bias=False))
+
+
+def init_dist() -> None:
+    """DeepSpeed's MoE needs its communication backend up, even on one process."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(k, v)
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def deepspeed_moe(ours: MoE, *, k: int, capacity_factor: float | None):
+    """``deepspeed.moe.layer.MoE`` holding exactly ``ours``' router and expert weights."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.moe.layer import MoE as DSMoE
+
+    cfg = ours.cfg
+    layer = DSMoE(hidden_size=cfg.d_model, expert=dense_ffn(cfg.d_model, cfg.d_ff), num_experts=cfg.num_experts,
+                  ep_size=1, k=k, capacity_factor=capacity_factor or 1.0, eval_capacity_factor=capacity_factor or 1.0,
+                  min_capacity=0, drop_tokens=capacity_factor is not None, use_rts=False,
+                  top2_2nd_expert_sampling=False)
+    layer.set_deepspeed_parallelism()
+    with torch.no_grad():
+        layer.deepspeed_moe.gate.wg.weight.copy_(ours.router.weight_ED)
+        for e, expert in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
+            expert[0].weight.copy_(ours.experts.w1_EDF[e].t())
+            expert[2].weight.copy_(ours.experts.w2_EFD[e].t())
+    return layer
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of distinct storages autograd keeps for the backward of ``fn()``."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def make_variants(E: int, k: int, T: int, d: int, f: int, x: torch.Tensor, with_ds: bool) -> dict:
+    """name → (forward callable returning the output, parameters to clear)."""
+    torch.manual_seed(E * 10 + k)
+    ours = MoE(MoEConfig(d_model=d, d_ff=f, num_experts=E, top_k=k))
+    loop = MoE(MoEConfig(d_model=d, d_ff=f, num_experts=E, top_k=k))
+    loop.load_state_dict(ours.state_dict())
+    loop.experts.method = "loop"
+    v = {
+        f"m6 grouped E={E} top{k}": (lambda: ours(x)[0], ours),
+        f"m6 loop E={E} top{k}": (lambda: loop(x)[0], loop),
+    }
+    if with_ds:
+        ds_dl = deepspeed_moe(ours, k=k, capacity_factor=None)
+        v[f"deepspeed dropless E={E} top{k}"] = (lambda: ds_dl(x)[0], ds_dl)
+        if k == 1:
+            ds_cf = deepspeed_moe(ours, k=k, capacity_factor=1.25)
+            v[f"deepspeed cf=1.25 E={E} top{k}"] = (lambda: ds_cf(x)[0], ds_cf)
+    return v
+
+
+def timed(fn, grad: torch.Tensor, module: nn.Module, x: torch.Tensor) -> float:
+    for p in module.parameters():
+        p.grad = None
+    x.grad = None
+    t0 = time.perf_counter()
+    fn().backward(grad)
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--d-ff", type=int, default=2048)
+    ap.add_argument("--experts", default="8,16,64", help="expert counts for the top-1 rows")
+    ap.add_argument("--top2-experts", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-deepspeed", action="store_true")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    T, d, f = args.tokens, args.d_model, args.d_ff
+    with_ds = not args.no_deepspeed
+    if with_ds:
+        init_dist()
+    torch.manual_seed(0)
+    x = torch.randn(T, d, requires_grad=True)
+    x2 = torch.randn(2 * T, d, requires_grad=True)
+    g, g2 = torch.randn(T, d), torch.randn(2 * T, d)
+    dense1, dense2 = dense_ffn(d, f), dense_ffn(d, f)
+
+    groups = []  # (baseline name, baseline fn, module, input, grad, {variant: (fn, module)})
+    variants = {}
+    for E in [int(e) for e in args.experts.split(",")]:
+        variants.update(make_variants(E, 1, T, d, f, x, with_ds))
+    top2 = make_variants(args.top2_experts, 2, T, d, f, x, with_ds)
+    groups.append(("dense T rows", lambda: dense1(x), dense1, x, g, variants))
+    groups.append(("dense 2T rows", lambda: dense2(x2), dense2, x2, g2, top2))
+
+    # Sanity: identical routing means identical top-1 outputs for our layer and DeepSpeed's dropless layer.
+    if with_ds:
+        with torch.no_grad():
+            for name, (fn, _) in variants.items():
+                if name.startswith("deepspeed dropless"):
+                    ours_name = name.replace("deepspeed dropless", "m6 grouped")
+                    diff = float((fn() - variants[ours_name][0]()).abs().max())
+                    print(f"check {name} vs ours: max |Δy| = {diff:.2e}", flush=True)
+
+    times: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
+    start = time.perf_counter()
+    for rep in range(args.reps):
+        for base_name, base_fn, base_mod, inp, grad, vs in groups:
+            order = list(vs.items())
+            random.Random(rep).shuffle(order)
+            b0 = timed(base_fn, grad, base_mod, inp)
+            for name, (fn, mod) in order:
+                t = timed(fn, g, mod, x)
+                times.setdefault(name, []).append(t)
+                ratios.setdefault(name, []).append(t / b0)
+            b1 = timed(base_fn, grad, base_mod, inp)  # baseline bracketing the round
+            times.setdefault(base_name, []).extend([b0, b1])
+            for name in vs:
+                ratios[name][-1] = times[name][-1] / ((b0 + b1) / 2)
+        done = rep + 1
+        el = time.perf_counter() - start
+        print(f"round {done}/{args.reps}  {el:.0f}s elapsed, ETA {el / done * (args.reps - done):.0f}s", flush=True)
+
+    mem = {"dense T rows": saved_bytes(lambda: dense1(x)), "dense 2T rows": saved_bytes(lambda: dense2(x2))}
+    for _, _, _, _, _, vs in groups:
+        for name, (fn, _) in vs.items():
+            mem[name] = saved_bytes(fn)
+
+    rows = []
+    for base_name, _, _, inp, _, vs in groups:
+        bt = statistics.median(times[base_name])
+        rows.append({"variant": base_name, "ms": bt * 1e3, "us_per_token": bt / T * 1e6, "x_dense": 1.0,
+                     "saved_MiB": mem[base_name] / 2**20, "mem_x_dense": 1.0})
+        for name in vs:
+            t = statistics.median(times[name])
+            rows.append({"variant": name, "ms": t * 1e3, "us_per_token": t / T * 1e6,
+                         "x_dense": statistics.median(ratios[name]),
+                         "saved_MiB": mem[name] / 2**20, "mem_x_dense": mem[name] / mem[base_name]})
+    print(f"\nfp32 CPU, tokens={T}, d={d}, d_ff={f}, reps={args.reps}, threads={torch.get_num_threads()}")
+    print(f"{'variant':38s} {'ms':>9s} {'us/token':>9s} {'x dense':>8s} {'saved MiB':>10s} {'mem x dense':>11s}")
+    for r in rows:
+        print(f"{r['variant']:38s} {r['ms']:9.1f} {r['us_per_token']:9.2f} {r['x_dense']:8.3f} "
+              f"{r['saved_MiB']:10.1f} {r['mem_x_dense']:11.2f}")
+    result = {"tokens": T, "d_model": d, "d_ff": f, "reps": args.reps, "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "rows": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
