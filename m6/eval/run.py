@@ -94,6 +94,14 @@ def _run_metrics(model_uri: str) -> list[dict]:
     return []
 
 
+def _trained_on(meta: dict) -> str | None:
+    """The dataset URI a checkpoint was trained on, as its ``m6.json`` records it."""
+    for v in (meta.get("data_uri"), meta.get("data"), (meta.get("data") or {}).get("uri") if isinstance(meta.get("data"), dict) else None):
+        if isinstance(v, str):
+            return v
+    return None
+
+
 def load_champion(champion_uri: str | None) -> dict | None:
     """The champion's ``eval.json`` from its URI or the folder beside its bundle; None when nothing is deployed yet."""
     if not champion_uri:
@@ -139,7 +147,7 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, *, cfg: EvalConfig | N
             raise UserError(f"{data_uri} is an uncurated captions.jsonl folder with no splits: evaluate it with --split all")
         es, data_sha = load_raw_folder(data_uri)
     else:
-        es, manifest = load_split(data_uri, split, cfg.max_samples, model_data_uri=(meta or {}).get("data_uri"))
+        es, manifest = load_split(data_uri, split, cfg.max_samples, model_data_uri=_trained_on(meta or {}))
         data_sha = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
     timing["load_s"] = time.perf_counter() - t
     checkpoint = str((meta or {}).get("checkpoint") or model_uri)

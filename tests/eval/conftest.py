@@ -86,18 +86,37 @@ def train_tiny(data_uri: str, steps: int = 250, seed: int = 0):
     model = M6Model(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
+    # One thread: on a shared 2-core machine two threads per process oversubscribe and run ~6x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
+    losses = []
     for step in range(steps):
         idx = torch.randperm(len(pairs), generator=g)[:24]
         batch = {"image": images[idx], "text": texts[idx]}
-        loss = model(batch, "contrastive")["loss"] + model(batch, "caption")["loss"]
+        con, cap = model(batch, "contrastive"), model(batch, "caption")
+        loss = con["loss"] + cap["loss"]
+        if step % 10 == 0 or step == steps - 1:
+            losses.append({"step": step + 1, "loss": {"contrastive": con["obj_loss"].item(), "caption": cap["obj_loss"].item()}})
         opt.zero_grad()
         loss.backward()
         opt.step()
+    torch.set_num_threads(threads)
     model.eval()
     meta = {"step": steps, "checkpoint": f"in-memory tiny@{steps}", "data_uri": data_uri,
-            "train_s": time.perf_counter() - t0, "final_loss": loss.item()}
+            "train_s": time.perf_counter() - t0, "final_loss": loss.item(), "losses": losses}
     return model, cfg, tok, meta
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on 2 shared cores it oversubscribes them."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -110,3 +129,23 @@ def eval_data(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def trained(eval_data):
     return train_tiny(eval_data)
+
+
+@pytest.fixture(scope="session")
+def trained_run(trained, tmp_path_factory) -> str:
+    """The trained tiny model saved as a training run: a COMPLETE checkpoint, tokenizer and metrics.jsonl."""
+    import json
+
+    from m6.train.checkpoint import publish, save, step_dir
+
+    model, cfg, tok, meta = trained
+    run = str(tmp_path_factory.mktemp("run") / "out")
+    root = storage.join(run, "checkpoints")
+    ckpt = step_dir(root, meta["step"])
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    save(ckpt, rank=0, rank_state={}, model_state=state, tokenizer_json=tok.to_str(),
+         meta={"config": cfg.to_dict(), "step": meta["step"], "data_uri": meta["data_uri"]})
+    publish(ckpt, root, keep_last=1, step=meta["step"])
+    storage.write_text(storage.join(run, "tokenizer.json"), tok.to_str())
+    storage.write_text(storage.join(run, "metrics.jsonl"), "\n".join(json.dumps(r) for r in meta["losses"]) + "\n")
+    return run

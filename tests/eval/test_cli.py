@@ -1,0 +1,41 @@
+"""The `m6 eval` command on a saved training run: --json output, the gate, loss curves, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from m6 import storage
+from m6.cli import main
+
+
+def test_m6_eval_json_prints_metrics_and_gate_decision(trained_run, eval_data, tmp_path, capsys):
+    out = str(tmp_path / "eval")
+    rc = main(["eval", "--model", trained_run, "--data", eval_data, "--out", out, "--gate", "--json",
+               "--champion", str(tmp_path / "deployed"), "--max-samples", "40"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["gate"]["decision"] == "promote" and summary["gate"]["first_model"]
+    assert summary["metrics"]["retrieval.mean_recall_lift"] > 2.0
+    assert summary["samples"] == 40 and summary["split"] == "test"
+    doc = storage.read_json(storage.join(out, "eval.json"))
+    assert doc["model"]["step"] == 250 and doc["model"]["checkpoint"].endswith("step-00000250")
+    assert doc["model"]["preset"] == "tiny"
+    page = storage.read_text(storage.join(out, "report.html"))
+    assert "no training metrics.jsonl" not in page  # the run's loss curves were found and plotted
+
+
+def test_m6_eval_human_summary_names_the_report(trained_run, eval_data, tmp_path, capsys):
+    out = str(tmp_path / "eval")
+    assert main(["eval", "--model", trained_run, "--data", eval_data, "--out", out, "--max-samples", "12"]) == 0
+    text = capsys.readouterr().out
+    assert "retrieval.mean_recall" in text and f"report: {out}/report.html" in text
+
+
+def test_m6_eval_on_a_missing_dataset_fails_with_one_clear_line(trained_run, tmp_path):
+    missing = str(tmp_path / "no-such-dataset")
+    p = subprocess.run([sys.executable, "-m", "m6", "eval", "--model", trained_run, "--data", missing,
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "no manifest.json" in p.stderr and missing in p.stderr and "Traceback" not in p.stderr
