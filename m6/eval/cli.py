@@ -37,25 +37,12 @@ def _eval_config(args: argparse.Namespace, loaded):
 
 def _run(args: argparse.Namespace) -> int:
     from m6.cli import emit
-    from m6.eval.run import _load, evaluate
+    from m6.eval.run import load_checkpoint, evaluate, summarize
 
-    loaded = _load(args.model)
+    loaded = load_checkpoint(args.model)
     cfg = _eval_config(args, loaded)
     doc = evaluate(args.model, args.data, args.out, cfg=cfg, split=args.split, gate=args.gate,
                    champion_uri=args.champion, loaded=loaded)
-    metrics = {k: v["value"] for k, v in doc["metrics"].items()}
-    summary = {"out": args.out, "split": doc["data"]["split"], "samples": doc["data"]["samples"], "metrics": metrics,
-               "report": f"{args.out.rstrip('/')}/report.html"}
-    if "gate" in doc:
-        summary["gate"] = {k: doc["gate"][k] for k in ("decision", "reason", "first_model")}
-    lines = [f"evaluated {doc['model']['checkpoint']} on {doc['data']['split']} "
-             f"({doc['data']['samples']} samples) in {doc['timing_s']['total_s']:.1f}s"]
-    for k in ("retrieval.t2i.R@1", "retrieval.i2t.R@1", "retrieval.mean_recall", "retrieval.mean_recall_lift",
-              "captioning.bleu4", "captioning.cider_d", "lm.text.perplexity", "lm.caption.perplexity", "moe.load_cv"):
-        if k in metrics:
-            lines.append(f"  {k:30s} {metrics[k]:.4f}")
-    if "gate" in doc:
-        lines.append(f"gate: {doc['gate']['decision'].upper()} — {doc['gate']['reason']}")
-    lines.append(f"report: {summary['report']}")
-    emit(args, summary, "\n".join(lines))
+    summary, text = summarize(doc, args.out)
+    emit(args, summary, text)
     return 0

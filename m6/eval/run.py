@@ -66,7 +66,8 @@ def kfp_metrics(metrics: dict[str, dict]) -> dict:
     return {"metrics": items}
 
 
-def _load(model_uri: str):
+def load_checkpoint(model_uri: str):
+    """``(model, Config, tokenizer, meta)`` of a run, checkpoints root or checkpoint, via training's ``load_model``."""
     try:
         from m6.train.checkpoint import load_model
     except ImportError as e:  # an install without the training area
@@ -134,7 +135,7 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, *, cfg: EvalConfig | N
         The ``eval.json`` document (with ``gate`` when ``gate`` is set).
     """
     t0 = time.perf_counter()
-    model, run_cfg, tokenizer, meta = loaded if loaded is not None else _load(model_uri)
+    model, run_cfg, tokenizer, meta = loaded if loaded is not None else load_checkpoint(model_uri)
     cfg = cfg or getattr(run_cfg, "eval", None) or EvalConfig()
     split = split or cfg.split
     if split not in ("test", "val", "all"):
@@ -208,6 +209,27 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, *, cfg: EvalConfig | N
     doc["timing_s"] = timing
     write_outputs(doc, es, out_uri, _run_metrics(model_uri))
     return doc
+
+
+def summarize(doc: dict, out_uri: str) -> tuple[dict, str]:
+    """``(summary for --json, human text)`` of an evaluation: headline metrics, the gate decision, the report path."""
+    metrics = {k: v["value"] for k, v in doc["metrics"].items()}
+    report = storage.join(out_uri, "report.html")
+    summary: dict[str, Any] = {"out": out_uri, "split": doc["data"]["split"], "samples": doc["data"]["samples"],
+                               "metrics": metrics, "report": report}
+    if "gate" in doc:
+        summary["gate"] = {k: doc["gate"][k] for k in ("decision", "reason", "first_model")}
+    lines = [f"evaluated {doc['model']['checkpoint']} on {doc['data']['split']} "
+             f"({doc['data']['samples']} samples) in {doc['timing_s']['total_s']:.1f}s"]
+    for k in ("retrieval.t2i.R@1", "retrieval.i2t.R@1", "retrieval.mean_recall", "retrieval.chance_mean_recall",
+              "retrieval.mean_recall_lift", "captioning.bleu4", "captioning.cider_d", "lm.text.perplexity",
+              "lm.caption.perplexity", "moe.load_cv", "moe.drop_rate"):
+        if k in metrics:
+            lines.append(f"  {k:30s} {metrics[k]:.4f}")
+    if "gate" in doc:
+        lines.append(f"gate: {doc['gate']['decision'].upper()} — {doc['gate']['reason']}")
+    lines.append(f"report: {report}")
+    return summary, "\n".join(lines)
 
 
 def write_outputs(doc: dict, es: EvalSet, out_uri: str, train_rows: list[dict]) -> None:
