@@ -127,3 +127,17 @@ def test_texts_dedup_exact_after_normalization_and_near_by_minhash():
     assert d.check_text(text_hash(doc.upper() + " "), minhash_values(doc, cfg.minhash_perm)) == "dup_text_exact"
     assert d.check_text(text_hash(near), minhash_values(near, cfg.minhash_perm)) == "dup_text_near"
     assert d.check_text(text_hash(other), minhash_values(other, cfg.minhash_perm)) is None
+
+
+def test_phash256_matches_imagehash_reference():
+    import imagehash
+    from io import BytesIO
+
+    from PIL import Image
+
+    from m6.data.filters import phash256
+
+    for i in range(12):
+        im = Image.open(BytesIO(jpeg(shape=i, size=(64 + 8 * i, 64), color=(20 * i, 120, 255 - 20 * i)))).convert("RGB")
+        ref = int("".join("1" if b else "0" for b in imagehash.phash(im, hash_size=16).hash.flatten()), 2)
+        assert phash256(im) == ref
