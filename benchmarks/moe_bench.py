@@ -7,10 +7,19 @@ is the median over rounds of time(variant) / time(dense FFN) within the round,
 which cancels most of the load from other processes on a shared machine. The dense
 floor of a top-k MoE is a dense FFN of the expert's size on k × tokens rows.
 
-Memory: bytes of the tensors each variant saves for its backward (deduplicated by
-storage), i.e. the activation memory held between forward and backward.
+Clock: with one intra-op thread (the default, ``--threads 1``) each call is timed by
+the thread's CPU time, which other processes on a shared machine do not inflate;
+with more threads, by wall time.
 
-    .venv/bin/python benchmarks/moe_bench.py                      # full table (~5-10 min on 2 cores)
+Memory: bytes of the activations each variant saves for its backward (deduplicated
+by storage, parameters excluded), i.e. what is held between forward and backward.
+
+Variants: ``m6`` (the layer as shipped: sorted dispatch, one fused expert-MLP
+autograd node), ``m6 grouped_mm`` (same with ``torch._grouped_mm`` forced), ``naive
+loop`` (the common reference MoE: for each expert, mask its tokens, gather, MLP,
+index_add, under plain autograd), and DeepSpeed's ``deepspeed.moe.layer.MoE``.
+
+    .venv/bin/python benchmarks/moe_bench.py --out moe_bench.json   # full table (~10 min on 2 cores)
     .venv/bin/python benchmarks/moe_bench.py --tokens 2048 --reps 3 --experts 8,16   # quick look
 """
 
@@ -36,6 +45,25 @@ from m6.model.moe import MoE, MoEConfig  # noqa: E402
 
 def dense_ffn(d: int, f: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d, f, bias=False), nn.GELU(), nn.Linear(f, d, bias=False))
+
+
+class NaiveLoopMoE(nn.Module):
+    """The per-expert loop found in most reference MoE code: one boolean mask per expert."""
+
+    def __init__(self, ours: MoE):
+        super().__init__()
+        self.router = ours.router
+        self.experts = ours.experts
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        r = self.router(x_TD)
+        y = torch.zeros_like(x_TD)
+        for e, (w1, w2) in enumerate(zip(self.experts.w1_EDF.unbind(0), self.experts.w2_EFD.unbind(0))):
+            tok, slot = torch.where(r.expert_TK == e)
+            if tok.numel():
+                h = torch.nn.functional.gelu(x_TD[tok] @ w1) @ w2
+                y = y.index_add(0, tok, h * r.weight_TK[tok, slot].unsqueeze(1))
+        return y + 0.0 * r.aux_loss
 
 
 def init_dist() -> None:
@@ -71,13 +99,15 @@ def deepspeed_moe(ours: MoE, *, k: int, capacity_factor: float | None):
     return layer
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of distinct storages autograd keeps for the backward of ``fn()``."""
+def saved_bytes(fn, modules) -> int:
+    """Bytes of distinct non-parameter storages autograd keeps for the backward of ``fn()``."""
+    params = {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t):
         st = t.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -90,12 +120,14 @@ def make_variants(E: int, k: int, T: int, d: int, f: int, x: torch.Tensor, with_
     """name → (forward callable returning the output, parameters to clear)."""
     torch.manual_seed(E * 10 + k)
     ours = MoE(MoEConfig(d_model=d, d_ff=f, num_experts=E, top_k=k))
-    loop = MoE(MoEConfig(d_model=d, d_ff=f, num_experts=E, top_k=k))
-    loop.load_state_dict(ours.state_dict())
-    loop.experts.method = "loop"
+    gmm = MoE(MoEConfig(d_model=d, d_ff=f, num_experts=E, top_k=k))
+    gmm.load_state_dict(ours.state_dict())
+    gmm.experts.method = "grouped"
+    naive = NaiveLoopMoE(ours)
     v = {
-        f"m6 grouped E={E} top{k}": (lambda: ours(x)[0], ours),
-        f"m6 loop E={E} top{k}": (lambda: loop(x)[0], loop),
+        f"m6 E={E} top{k}": (lambda: ours(x)[0], ours),
+        f"m6 grouped_mm E={E} top{k}": (lambda: gmm(x)[0], gmm),
+        f"naive loop E={E} top{k}": (lambda: naive(x), naive),
     }
     if with_ds:
         ds_dl = deepspeed_moe(ours, k=k, capacity_factor=None)
@@ -106,13 +138,16 @@ def make_variants(E: int, k: int, T: int, d: int, f: int, x: torch.Tensor, with_
     return v
 
 
+CLOCK = time.perf_counter
+
+
 def timed(fn, grad: torch.Tensor, module: nn.Module, x: torch.Tensor) -> float:
     for p in module.parameters():
         p.grad = None
     x.grad = None
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     fn().backward(grad)
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
 def main(argv=None) -> dict:
@@ -123,10 +158,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--experts", default="8,16,64", help="expert counts for the top-1 rows")
     ap.add_argument("--top2-experts", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: time by thread CPU time)")
     ap.add_argument("--no-deepspeed", action="store_true")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     T, d, f = args.tokens, args.d_model, args.d_ff
+    global CLOCK
+    torch.set_num_threads(args.threads)
+    CLOCK = time.thread_time if args.threads == 1 else time.perf_counter
     with_ds = not args.no_deepspeed
     if with_ds:
         init_dist()
@@ -149,9 +188,14 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             for name, (fn, _) in variants.items():
                 if name.startswith("deepspeed dropless"):
-                    ours_name = name.replace("deepspeed dropless", "m6 grouped")
+                    ours_name = name.replace("deepspeed dropless", "m6")
                     diff = float((fn() - variants[ours_name][0]()).abs().max())
                     print(f"check {name} vs ours: max |Δy| = {diff:.2e}", flush=True)
+
+    for _, base_fn, base_mod, inp, grad, vs in groups:  # warm-up: first calls allocate and pick kernels
+        timed(base_fn, grad, base_mod, inp)
+        for fn, mod in vs.values():
+            timed(fn, g, mod, x)
 
     times: dict[str, list[float]] = {}
     ratios: dict[str, list[float]] = {}
@@ -173,10 +217,11 @@ def main(argv=None) -> dict:
         el = time.perf_counter() - start
         print(f"round {done}/{args.reps}  {el:.0f}s elapsed, ETA {el / done * (args.reps - done):.0f}s", flush=True)
 
-    mem = {"dense T rows": saved_bytes(lambda: dense1(x)), "dense 2T rows": saved_bytes(lambda: dense2(x2))}
+    mem = {"dense T rows": saved_bytes(lambda: dense1(x), [dense1]),
+           "dense 2T rows": saved_bytes(lambda: dense2(x2), [dense2])}
     for _, _, _, _, _, vs in groups:
-        for name, (fn, _) in vs.items():
-            mem[name] = saved_bytes(fn)
+        for name, (fn, mod) in vs.items():
+            mem[name] = saved_bytes(fn, [mod])
 
     rows = []
     for base_name, _, _, inp, _, vs in groups:
@@ -188,13 +233,14 @@ def main(argv=None) -> dict:
             rows.append({"variant": name, "ms": t * 1e3, "us_per_token": t / T * 1e6,
                          "x_dense": statistics.median(ratios[name]),
                          "saved_MiB": mem[name] / 2**20, "mem_x_dense": mem[name] / mem[base_name]})
-    print(f"\nfp32 CPU, tokens={T}, d={d}, d_ff={f}, reps={args.reps}, threads={torch.get_num_threads()}")
+    clock = "thread CPU time" if CLOCK is time.thread_time else "wall time"
+    print(f"\nfp32 CPU, tokens={T}, d={d}, d_ff={f}, reps={args.reps}, threads={torch.get_num_threads()}, {clock}")
     print(f"{'variant':38s} {'ms':>9s} {'us/token':>9s} {'x dense':>8s} {'saved MiB':>10s} {'mem x dense':>11s}")
     for r in rows:
         print(f"{r['variant']:38s} {r['ms']:9.1f} {r['us_per_token']:9.2f} {r['x_dense']:8.3f} "
               f"{r['saved_MiB']:10.1f} {r['mem_x_dense']:11.2f}")
     result = {"tokens": T, "d_model": d, "d_ff": f, "reps": args.reps, "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "rows": rows}
+              "clock": clock, "torch": torch.__version__, "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return result

@@ -105,7 +105,7 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, d_model: int, d_ff: int, *, ep_size: int = 1):
         super().__init__()
         self.method = "auto"
-        """Expert kernel: "auto" (grouped matmul where supported), "grouped" or "loop"."""
+        """Expert kernel: "auto" (grouped matmul on CUDA, loop elsewhere), "grouped" or "loop"."""
         self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         nn.init.normal_(self.w1_EDF, std=d_model ** -0.5)

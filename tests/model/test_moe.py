@@ -69,6 +69,7 @@ def test_moe_matches_per_token_reference_in_outputs_and_gradients(case, dtype):
     x = torch.randn(2, 19, 16, dtype=dtype, requires_grad=True)
     g = torch.randn(2, 19, 16, dtype=dtype)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
+    layer.experts.method = "grouped" if dtype == torch.float32 else "loop"
 
     y, aux = layer(x)
     (y * g).sum().backward()
