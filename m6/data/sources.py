@@ -24,7 +24,8 @@ LINES_PER_PARTITION = 500
 TEXT_LINES_PER_PARTITION = 4000
 _COCOCN = re.compile(r"^(\S+#\S+)\s+(.*)$")
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]+")
-_MISSING = object()
+MISSING = object()
+"""Stands for an image a record names but that does not exist (counted as image_missing)."""
 
 
 @dataclass
@@ -52,7 +53,7 @@ class Item:
 
     key: str
     image: bytes | None | object = None
-    """Image bytes; None for a text-only sample; ``_MISSING`` when the named file is absent."""
+    """Image bytes; None for a text-only sample; ``MISSING`` when the named file is absent."""
     captions: list | None = None
     """Raw captions (str, or bytes when they did not decode); None when the record had none."""
     lang: str | None = None
@@ -131,11 +132,16 @@ def discover(inputs: list[str], fmt: str | None = None) -> list[Partition]:
         specs.extend(found)
     parts: list[Partition] = []
     for inp_i, f, uri, root, extra in specs:
-        if f in ("imagefolder", "muge", "text"):
-            every = TEXT_LINES_PER_PARTITION if f == "text" else LINES_PER_PARTITION
-            ranges = _line_parts(uri, every)
-        else:
-            ranges = [(0, None)]
+        try:
+            # The size goes into the partition's identity: a rerun redoes a partition whose file changed.
+            extra = {**extra, "bytes": storage.size(uri)}
+            if f in ("imagefolder", "muge", "text"):
+                every = TEXT_LINES_PER_PARTITION if f == "text" else LINES_PER_PARTITION
+                ranges = _line_parts(uri, every)
+            else:
+                ranges = [(0, None)]
+        except OSError as e:  # permission denied, a folder where a file was expected, a dead endpoint
+            raise UserError(f"input {inputs[inp_i]}: cannot read {uri}: {e}") from None
         for s, e in ranges:
             parts.append(Partition(len(parts), inp_i, f, uri, root, s, e, extra))
     return parts
@@ -231,7 +237,7 @@ def _read_image(root: str, rel: str) -> bytes | object:
             return storage.read_bytes(cand)
         except FileNotFoundError:
             continue
-    return _MISSING
+    return MISSING
 
 
 def _read_imagefolder(p: Partition) -> Iterator[Item]:
@@ -271,8 +277,8 @@ def _read_wds(p: Partition) -> Iterator[Item]:
             try:
                 caps = [group["txt"].decode("utf-8")] + [c for c in (caps or []) if c != group["txt"].decode("utf-8")]
             except UnicodeDecodeError:
-                return Item(key, img if img is not None else _MISSING, reason="caption_not_utf8", meta=meta)
-        return Item(key, img if img is not None else _MISSING, caps, lang, meta)
+                return Item(key, img if img is not None else MISSING, reason="caption_not_utf8", meta=meta)
+        return Item(key, img if img is not None else MISSING, caps, lang, meta)
 
     got_any = False
     try:
@@ -344,7 +350,7 @@ def _read_parquet(p: Partition) -> Iterator[Item]:
                     img = img.get("bytes")
                 ident = d[key_col][j] if key_col else row
                 cap = d[cap_col][j]
-                yield Item(make_key(p.tag, f"{ident}"), img if img is not None else _MISSING,
+                yield Item(make_key(p.tag, f"{ident}"), img if img is not None else MISSING,
                            None if cap is None else [cap], None, {"row": row})
                 row += 1
 

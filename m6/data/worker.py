@@ -15,7 +15,7 @@ from m6.config import DataConfig
 from m6.data.dedup import minhash_values
 from m6.data.filters import check_caption, process_image, text_hash
 from m6.data.shards import TarSink, verify_shard
-from m6.data.sources import _MISSING, Item, Partition, read_partition
+from m6.data.sources import MISSING, Item, Partition, read_partition
 
 EXAMPLES_PER_REASON = 3
 """Dropped examples kept per reason per partition for the report's thumbnail grid."""
@@ -120,7 +120,7 @@ def curate_item(item: Item, part: Partition, cfg: DataConfig, st: PartStats) -> 
         meta["_dedup"] = {"text": text_hash(kept[0]),
                           "minhash": minhash_values(kept[0], cfg.minhash_perm) if cfg.near_dup_texts else None}
     else:
-        if item.image is _MISSING:
+        if item.image is MISSING:
             st.drop("image_missing", item)
             return None
         img, reason = process_image(item.image, cfg)
