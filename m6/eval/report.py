@@ -29,20 +29,19 @@ def _pyplot():
 
 
 def recall_plot(retrieval: dict) -> str:
-    """Recall@K for K = 1.. in both directions, with the random-ranking floor for comparison."""
+    """Recall@K for K = 1.. in both directions, each with its exact random-ranking floor (dotted)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for d, label in (("t2i", "text → image"), ("i2t", "image → text")):
+    for (d, label), color in zip((("t2i", "text → image"), ("i2t", "image → text")), ("tab:blue", "tab:orange")):
         curve = retrieval[d].get("curve") or []
-        ax.plot(range(1, len(curve) + 1), curve, marker=".", label=label)
-    n = max(len(retrieval["t2i"].get("curve") or []), 1)
-    # single-relevant random ranking: R@K = K / N
-    ax.plot(range(1, n + 1), [k / n for k in range(1, n + 1)], "k:", label="random ranking")
+        ax.plot(range(1, len(curve) + 1), curve, marker=".", color=color, label=label)
+        chance = retrieval[d].get("chance_curve") or []
+        ax.plot(range(1, len(chance) + 1), chance, ":", color=color, label=f"{label}, random ranking")
     ax.set_xlabel("K")
     ax.set_ylabel("Recall@K")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     return _png(fig)
 
 

@@ -20,7 +20,7 @@ from m6.eval import gate as gate_mod
 from m6.eval.captioning import caption_metrics
 from m6.eval.data import EvalSet, load_raw_folder, load_split
 from m6.eval.moe_health import overall
-from m6.eval.retrieval import recall_curve, retrieval_metrics
+from m6.eval.retrieval import chance_recall, recall_curve, retrieval_metrics
 
 log = logging.getLogger(__name__)
 SCHEMA = "m6.eval/v1"
@@ -178,6 +178,8 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, *, cfg: EvalConfig | N
         for d, q, g in (("t2i", sim, rel), ("i2t", sim.T, rel.T)):
             r[d].pop("per_query")
             r[d]["curve"] = recall_curve(q, g, max_k=min(50, q.shape[1]), ties=cfg.ties)
+            chance = chance_recall(g, ks=range(1, len(r[d]["curve"]) + 1))
+            r[d]["chance_curve"] = [chance[f"R@{k}"] for k in range(1, len(r[d]["curve"]) + 1)]
         r["images"], r["texts"] = len(es.images), len(es.texts)
         doc["retrieval"] = r
         top_images = [list(np.argsort(-sim[i], kind="stable")[:5]) for i in range(min(cfg.num_examples, len(es.texts)))]
