@@ -55,7 +55,7 @@ class Item:
     image: bytes | None | object = None
     """Image bytes; None for a text-only sample; ``MISSING`` when the named file is absent."""
     captions: list | None = None
-    """Raw captions (str, or bytes when they did not decode); None when the record had none."""
+    """Raw caption strings; None when the record had none."""
     lang: str | None = None
     meta: dict = field(default_factory=dict)
     reason: str | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import FaultyS3Proxy, small_cfg
+from datakit import FaultyS3Proxy, small_cfg
 
 from m6 import storage
 from m6.cli import main

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import jpeg, png, small_cfg
+from datakit import jpeg, png, small_cfg
 
 from m6.data.dedup import Deduplicator, PHashIndex, minhash_values
 from m6.data.filters import REASONS, check_caption, cjk_ratio, clean_text, process_image, text_hash

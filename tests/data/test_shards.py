@@ -6,7 +6,7 @@ import json
 from collections import Counter
 
 import pytest
-from conftest import jpeg
+from datakit import jpeg
 
 from m6 import storage
 from m6.config import SPECIAL_TOKENS

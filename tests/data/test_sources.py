@@ -6,7 +6,7 @@ import base64
 import json
 
 import pytest
-from conftest import jpeg, small_cfg
+from datakit import jpeg, small_cfg
 
 from m6.config import ConfigError, from_dict, DataConfig
 from m6.data.curate import curate
