@@ -147,3 +147,14 @@ def test_unknown_format_and_config_errors_name_the_field(tmp_path):
         from_dict(DataConfig, {"min_sid": 3}, "data")
     with pytest.raises(ConfigError, match="data.phash_hamming: expected int"):
         from_dict(DataConfig, {"phash_hamming": "4"}, "data")
+
+
+def test_format_flag_selects_one_layout_and_files_can_be_inputs(synth_dir, wds_dir):
+    info = json.loads(open(f"{synth_dir}/synth.json", encoding="utf-8").read())
+    only_images = discover([synth_dir], fmt="imagefolder")
+    only_texts = discover([synth_dir], fmt="text")
+    assert {p.fmt for p in only_images} == {"imagefolder"} and {p.fmt for p in only_texts} == {"text"}
+    assert sum(p.stop - p.start for p in only_images) == info["items"]
+    assert sum(p.stop - p.start for p in only_texts) == info["text_docs"]
+    one_tar = discover([wds_dir[0] + "/a.tar"])
+    assert [(p.fmt, p.uri.rsplit("/", 1)[-1]) for p in one_tar] == [("wds", "a.tar")]
