@@ -98,7 +98,9 @@ def deepspeed_config(train: TrainConfig, *, world_size: int, on_gpu: bool, n_lay
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,
         "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
-        "gradient_clipping": train.grad_clip,
+        # Without ZeRO the trainer clips itself (m6.train.engine.clip_gradients): DeepSpeed's stage-0
+        # clipping breaks on 0-dim parameters and is not expert-parallel aware.
+        "gradient_clipping": train.grad_clip if train.zero_stage >= 1 else 0.0,
         "zero_optimization": zero,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

@@ -170,13 +170,47 @@ def peak_flops(on_gpu: bool) -> tuple[float, str]:
     import time
 
     n = 512
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    gen = torch.Generator().manual_seed(0)  # leaves the global RNG (span corruption) untouched
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
     a @ b
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < 0.3:
         a @ b
         reps += 1
     return 2 * n**3 * reps / (time.perf_counter() - t0), "measured fp32 GEMM (512³) on this process's threads"
+
+
+def clip_gradients(model: nn.Module, max_norm: float, ep_group: Any) -> float:
+    """Clip by the global gradient norm (call after backward, before ``engine.step()``); returns the norm.
+
+    Replicated gradients are identical on every rank after DeepSpeed's all-reduce; expert
+    gradients differ across the expert-parallel group, so their squared norms are summed over it.
+    """
+    import torch.distributed as dist
+
+    dense_sq = torch.zeros((), dtype=torch.float64)
+    expert_sq = torch.zeros((), dtype=torch.float64)
+    grads = []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        grads.append(p.grad)
+        sq = p.grad.detach().double().pow(2).sum().cpu()
+        if getattr(p, "allreduce", True) is False:
+            expert_sq += sq
+        else:
+            dense_sq += sq
+    if ep_group is not None and dist.get_world_size(ep_group) > 1:
+        dev = grads[0].device if grads else torch.device("cpu")
+        t = expert_sq.to(dev)
+        dist.all_reduce(t, group=ep_group)
+        expert_sq = t.cpu()
+    norm = float((dense_sq + expert_sq).sqrt())
+    if max_norm > 0 and norm > max_norm:
+        coef = max_norm / (norm + 1e-6)
+        for g in grads:
+            g.mul_(coef)
+    return norm
 
 
 def grad_norm(engine: Any) -> float:

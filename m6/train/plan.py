@@ -139,8 +139,7 @@ def _memory(opt: Option, pb: ParamBreakdown, m: ModelConfig, c: Cluster, micro_b
         # The offloaded layers still pass through the device one (prefetched: two) at a time.
         work = 2 * (wb * 2) * (pb.layer_max - (pb.expert / max(1, pb.moe_layers) if pb.moe_layers else 0)
                                + (pb.expert / max(1, pb.moe_layers)) / opt.ep_size)
-        params, grads, optim = (params + grads + optim - moved), 0.0, 0.0
-        params += work
+        params, grads, optim = params * (1 - frac) + work, grads * (1 - frac), optim * (1 - frac)
     tokens = micro_batch * (m.max_text_len + m.num_patches)
     d, L, a = m.d_model, m.n_layers, m.n_heads
     per_layer = tokens * d * (34 + 5 * a * (m.max_text_len + m.num_patches) / d) * (wb / 2)  # Korthikanti et al. 2022

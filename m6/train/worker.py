@@ -49,7 +49,7 @@ def run(cfg: Config, data_uri: str, out_uri: str, *, resume: str | None = None, 
     from m6.model.m6 import M6Model
     from m6.model.params import count_params
     from m6.train.data import BatchMaker, ShardStream
-    from m6.train.engine import build_engine, expert_groups, grad_norm, init_distributed, peak_flops
+    from m6.train.engine import build_engine, clip_gradients, expert_groups, grad_norm, init_distributed, peak_flops
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -88,7 +88,7 @@ def run(cfg: Config, data_uri: str, out_uri: str, *, resume: str | None = None, 
     stream = ShardStream(data_uri, rank=rank, world_size=world, seed=t.seed, shuffle_buffer=t.shuffle_buffer)
     batches = BatchMaker(stream, tokenizer, model_cfg, t)
     root = storage.join(out_uri, "checkpoints")
-    start_step, tokens_seen, resumed_from = 0, 0, None
+    start_step, tokens_seen, resumed_from, rng = 0, 0, None, None
     if resume == "auto":
         found = ckpt_mod.latest_complete(root)
         if found:
@@ -96,7 +96,7 @@ def run(cfg: Config, data_uri: str, out_uri: str, *, resume: str | None = None, 
                     and model.cfg.share_layers:
                 model.delink()  # the checkpoint was written after the Pseudo-to-Real switch
                 engine, _, sched = build_engine(model, cfg, world_size=world, on_gpu=on_gpu, ep_size=ep)
-            start_step, tokens_seen = _restore(found, rank, engine, sched, batches, world)
+            start_step, tokens_seen, rng = _restore(found, rank, engine, sched, batches, world)
             resumed_from = found
             if rank == 0:
                 log.info("resumed from %s at step %d", found, start_step)
@@ -121,8 +121,10 @@ def run(cfg: Config, data_uri: str, out_uri: str, *, resume: str | None = None, 
             metrics.lines = [json.loads(x) for x in storage.read_text(old).splitlines() if x.strip()
                              and json.loads(x)["step"] <= start_step]
 
-    first_loss, last_rec, last_ckpt, step = None, None, resumed_from, start_step
+    first_loss, last_rec, last_ckpt, step, last_norm = None, None, resumed_from, start_step, float("nan")
     losses_by_step: list[dict] = []
+    if rng is not None:  # last, so nothing during set-up draws from the restored generators
+        ckpt_mod.set_rng_state(rng)
     t0 = time.monotonic()
     stopped_early = False
     for step in range(start_step, t.steps):
@@ -138,6 +140,8 @@ def run(cfg: Config, data_uri: str, out_uri: str, *, resume: str | None = None, 
             batch = {k: v.to(device) for k, v in batch.items()}
             out = engine(batch, objective)
             engine.backward(out["loss"])
+            if t.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
+                last_norm = clip_gradients(engine.module.model, t.grad_clip, ep_group if ep > 1 else None)
             engine.step()
             loss = float(out["loss"].detach())
             positions = int((batch["text"] != 0).sum()) + (batch["image"].shape[0] * model_cfg.num_patches
@@ -153,7 +157,8 @@ def run(cfg: Config, data_uri: str, out_uri: str, *, resume: str | None = None, 
         last = step + 1 == t.steps
         stop = preempt.agreed(device)
         if (step + 1) % t.log_every == 0 or last or stop:
-            last_rec = metrics.flush(step, lr=sched.get_last_lr()[0], grad_norm=grad_norm(engine),
+            gn = last_norm if t.zero_stage == 0 else grad_norm(engine)
+            last_rec = metrics.flush(step, lr=sched.get_last_lr()[0], grad_norm=gn,
                                      moe=engine.module.model.moe_stats(), device=device)
             metrics.write()
         if (step + 1) % t.save_every == 0 or last or stop:
@@ -230,9 +235,8 @@ def _restore(ckpt: str, rank: int, engine, sched, batches, world: int) -> tuple[
         opt.load_state_dict(st["optimizer"])
     sched.load_state_dict(st["scheduler"])
     batches.load_state(st["data"])
-    ckpt_mod.set_rng_state(st["rng"])
     engine.global_steps = st["step"]
-    return int(st["step"]), int(st["tokens_seen"])
+    return int(st["step"]), int(st["tokens_seen"]), st["rng"]
 
 
 def _write_losses(out_uri: str, rank: int, rows: list[dict], start_step: int) -> None:
