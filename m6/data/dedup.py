@@ -39,6 +39,7 @@ class PHashIndex:
         return None
 
     def add(self, h: int, sig: bytes = b"") -> None:
+        """Store a hash and its colour signature."""
         for table, k in zip(self._tables, self._keys(h)):
             table.setdefault(k, []).append((h, sig))
 

@@ -66,6 +66,7 @@ def cjk_ratio(text: str) -> float:
 
 
 def guess_lang(text: str) -> str:
+    """``"zh"`` when at least 30% of the letters are CJK, else ``"en"``."""
     return "zh" if cjk_ratio(text) >= 0.3 else "en"
 
 
@@ -98,6 +99,7 @@ def normalize_for_hash(text: str) -> str:
 
 
 def text_hash(text: str) -> str:
+    """128-bit BLAKE2b of :func:`normalize_for_hash` (hex): the key for exact text duplicates."""
     return hashlib.blake2b(normalize_for_hash(text).encode("utf-8"), digest_size=16).hexdigest()
 
 
@@ -136,6 +138,8 @@ def check_caption(raw: str, lang: str | None, cfg: DataConfig, *, max_chars: int
 
 @dataclass
 class ProcessedImage:
+    """A decoded, checked, resized and re-encoded image with the hashes deduplication needs."""
+
     data: bytes
     ext: str
     orig_size: tuple[int, int]

@@ -64,6 +64,7 @@ def sample_split(sample: dict, val_fraction: float, test_fraction: float) -> str
 
 
 def shard_name(index: int) -> str:
+    """``shard-000042.tar`` for index 42."""
     return f"shard-{index:06d}.tar"
 
 
@@ -133,6 +134,7 @@ class TarSink:
         return self._hw.nbytes
 
     def add(self, sample: dict) -> None:
+        """Append one sample's members."""
         for name, data in encode_sample(sample):
             _add_member(self._tar, name, data)
         self.samples += 1
@@ -158,6 +160,7 @@ class TarSink:
         return entry
 
     def abort(self) -> None:
+        """Discard the tar being written (nothing reaches ``uri``)."""
         try:
             self._tar.close()
         finally:
@@ -180,6 +183,7 @@ class ShardWriter:
         self._sink: TarSink | None = None
 
     def write(self, sample: dict) -> None:
+        """Add a sample, starting a new shard when the current one is full."""
         if self._sink is not None and (self._sink.samples >= self.max_samples or self._sink.nbytes >= self.max_bytes):
             self.flush()
         if self._sink is None:
@@ -188,12 +192,14 @@ class ShardWriter:
         self._sink.add(sample)
 
     def flush(self) -> None:
+        """Close the current shard (if any) and record its manifest entry."""
         if self._sink is not None:
             self.shards.append(self._sink.close(reuse=self.reuse))
             self.reused += int(self._sink.reused)
             self._sink = None
 
     def close(self) -> list[dict]:
+        """Close the last shard; returns every shard's manifest entry in order."""
         self.flush()
         return self.shards
 

@@ -43,6 +43,7 @@ class Partition:
 
     @property
     def tag(self) -> str:
+        """Key prefix: input number + file stem, so keys from different inputs never collide."""
         stem = storage.basename(self.uri).split(".")[0]
         return f"{self.input_index:02d}{_KEY_BAD.sub('_', stem)[:24]}"
 

@@ -30,6 +30,7 @@ def fingerprint(part: Partition, cfg: DataConfig) -> str:
 
 
 def part_uris(work_uri: str, index: int) -> tuple[str, str]:
+    """The candidate tar and the stats JSON of partition ``index`` under the work folder."""
     return storage.join(work_uri, f"part-{index:05d}.tar"), storage.join(work_uri, f"part-{index:05d}.json")
 
 
@@ -80,6 +81,7 @@ class PartStats:
         self.examples: dict[str, list[dict]] = {}
 
     def drop(self, reason: str, item: Item) -> None:
+        """Count a lost sample under ``reason`` and keep the first few as report examples."""
         self.dropped[reason] += 1
         ex = self.examples.setdefault(reason, [])
         if len(ex) < EXAMPLES_PER_REASON:
