@@ -39,3 +39,21 @@ def test_m6_eval_on_a_missing_dataset_fails_with_one_clear_line(trained_run, tmp
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert "no manifest.json" in p.stderr and missing in p.stderr and "Traceback" not in p.stderr
+
+
+def test_m6_eval_config_file_thresholds_hold_the_model(trained_run, eval_data, tmp_path, capsys):
+    cfg = tmp_path / "strict.json"
+    cfg.write_text(json.dumps({"eval": {"thresholds": {"retrieval.mean_recall_lift": 100.0}, "max_samples": 16}}))
+    rc = main(["eval", "--model", trained_run, "--data", eval_data, "--out", str(tmp_path / "e"), "--gate",
+               "--config", str(cfg), "--json"])
+    assert rc == 0
+    gate = json.loads(capsys.readouterr().out)["gate"]
+    assert gate["decision"] == "hold" and "retrieval.mean_recall_lift" in gate["reason"] and "100" in gate["reason"]
+
+
+def test_m6_eval_bad_config_key_is_named(trained_run, eval_data, tmp_path, capsys):
+    cfg = tmp_path / "bad.json"
+    cfg.write_text(json.dumps({"eval": {"batch_sise": 4}}))
+    rc = main(["eval", "--model", trained_run, "--data", eval_data, "--out", str(tmp_path / "e"), "--config", str(cfg)])
+    assert rc == 2
+    assert "eval.batch_sise" in capsys.readouterr().err

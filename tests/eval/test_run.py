@@ -145,3 +145,46 @@ def test_reads_data_from_and_writes_results_to_s3(trained, eval_data, s3_env):
     saved = json.loads(storage.read_bytes(f"{s3_env}/eval/eval.json"))
     assert saved["metrics"].keys() == doc["metrics"].keys()
     assert storage.exists(f"{s3_env}/eval/report.html") and storage.exists(f"{s3_env}/eval/metrics.json")
+
+
+def test_broken_samples_are_dropped_and_counted(random_model, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from m6.data.shards import SCHEMA, ShardWriter
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(buf, format="JPEG")
+    good = buf.getvalue()
+    w = ShardWriter(str(tmp_path / "ds"), max_samples=100, max_bytes=1 << 20)
+    samples = [("a", good, "a red square"), ("b", good[: len(good) // 3], "a truncated file"),
+               ("c", b"not an image at all", "junk bytes"), ("d", good, "")]
+    for key, img, cap in samples:
+        w.write({"__key__": key, "jpg": img, "txt": cap, "json": {"split": "test"}})
+    w.write({"__key__": "e", "txt": "", "json": {"kind": "text", "split": "test"}})
+    storage.write_json(str(tmp_path / "ds" / "manifest.json"),
+                       {"schema": SCHEMA, "shards": w.close(), "num_samples": 5,
+                        "split": {"method": "test", "val_fraction": 0.0, "test_fraction": 1.0}})
+    doc = evaluate("random", str(tmp_path / "ds"), str(tmp_path / "out"), loaded=random_model)
+    d = doc["data"]
+    assert d["samples"] == 5 and d["images"] == 1
+    assert d["dropped"] == {"undecodable image": 2, "image without caption": 1, "text sample without text": 1}
+
+
+def test_raw_folder_counts_malformed_lines_and_missing_images(random_model, tmp_path):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (10, 10, 200)).save(buf, format="PNG")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "1.png").write_bytes(buf.getvalue())
+    (tmp_path / "captions.jsonl").write_text(
+        '{"image": "1.png", "captions": ["蓝色 方块"]}\n{"image": "2.png", "captions": ["x"]}\nnot json\n', encoding="utf-8")
+    doc = evaluate("random", str(tmp_path), str(tmp_path / "out"), loaded=random_model, split="all")
+    assert doc["data"]["images"] == 1
+    assert doc["data"]["dropped"] == {"image file missing": 1, "malformed captions.jsonl line": 1}
+    with pytest.raises(UserError, match="--split all"):
+        evaluate("random", str(tmp_path), str(tmp_path / "out2"), loaded=random_model)
