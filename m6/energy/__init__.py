@@ -1,0 +1,1 @@
+"""Energy and carbon accounting: sensors (NVML, RAPL, estimates), the monitor, Prometheus export, reports."""

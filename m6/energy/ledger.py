@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 UNSTAGED = "unstaged"
 """The stage energy is attributed to while no window is open."""
 STEP, BEGIN, END = "step", "begin", "end"
+MAX_STEP_GROUPS = 10000
+"""Step groups kept; past twice this, neighbours merge pairwise (sums are unchanged, resolution halves)."""
 MAX_POWER_BINS = 4000
 """The power-over-time series keeps at most this many bins; the bin width doubles when it would grow past it."""
 
@@ -52,6 +54,9 @@ class Ledger:
 
     Args:
         lags_s: per sensor, how old a reading is on average when taken (see ``Sensor.lag_s``).
+        stepped_s: per sensor, the update period of a counter that advances in steps (NVML's
+            energy counter), or 0 for one read as continuous. A stepped counter's update is placed
+            midway between the poll that last saw the old value and the poll that saw the new one.
         counted: per sensor, whether it adds to totals (False for cross-check sensors).
         min_window_s: step groups span at least this long (the slowest sensor's refresh period),
             so a step shorter than the sensor can resolve is never given a figure of its own.
@@ -60,8 +65,11 @@ class Ledger:
     """
 
     def __init__(self, *, lags_s: list[float], counted: list[bool], min_window_s: float, t0_s: float,
-                 bin_s: float = 1.0):
+                 bin_s: float = 1.0, stepped_s: list[float] | None = None):
         n = len(lags_s)
+        self.stepped_s = list(stepped_s) if stepped_s is not None else [0.0] * n
+        self._prev_poll_s: list[float | None] = [None] * n
+        self._provisional = [x > 0 for x in self.stepped_s]
         self.n = n
         self.lags_s = list(lags_s)
         self.counted = list(counted)
@@ -98,6 +106,9 @@ class Ledger:
         """Record one poll of every sensor (cumulative joules) taken at monotonic ``t_s``."""
         for i, e in enumerate(energies_j):
             pts = self.points[i]
+            if self.stepped_s[i] > 0:
+                self._add_stepped(i, t_s, e)
+                continue
             t_est = t_s - self.lags_s[i]
             if pts and t_est <= pts[-1][0]:
                 # A lagged timestamp may not move past the previous point; keep the newest value.
@@ -116,9 +127,28 @@ class Ledger:
             self._boundary = (self.tau_s, list(self.e_tau))
         self.advance()
 
+    def _add_stepped(self, i: int, t_s: float, e: float) -> None:
+        pts, step_s, prev = self.points[i], self.stepped_s[i], self._prev_poll_s[i]
+        self._prev_poll_s[i] = t_s
+        if not pts or prev is None:
+            pts.append((t_s - step_s / 2, e))  # provisional: when the first value was set is not known yet
+        elif e != pts[-1][1]:
+            pts.append((max((prev + t_s) / 2, pts[-1][0] + 1e-6), e))
+            if self._provisional[i] and len(pts) == 3:
+                # Two updates seen: date the first value from the rate between them, so the start
+                # of the run is not off by up to a whole counter period.
+                (t0, e0), (t1, e1), (t2, e2) = pts
+                if e2 > e1:
+                    t_first = t1 - (e1 - e0) * (t2 - t1) / (e2 - e1)
+                    pts[0] = (min(max(t_first, t1 - 2 * step_s), t1 - 1e-6), e0)
+                self._provisional[i] = False
+        elif t_s - step_s > pts[-1][0] + 2 * step_s:
+            # Unchanged for several periods (an idle device): the value held at least until a period ago.
+            pts.append((t_s - step_s, e))
+
     def horizon(self) -> float | None:
         """The latest moment every sensor's timeline covers."""
-        if any(not p for p in self.points):
+        if any(not p for p in self.points) or any(self._provisional):
             return None
         return min(p[-1][0] for p in self.points)
 
@@ -244,6 +274,8 @@ class Ledger:
         per = [b - a for a, b in zip(g.e0, g.e1)]
         self.groups.append({"first": g.first, "last": g.last, "n_steps": g.n_steps, "t0_s": g.t0_s - self.t0_s,
                             "t1_s": g.t1_s - self.t0_s, "energy_j": self._total(per), "tokens": g.tokens})
+        if len(self.groups) > 2 * MAX_STEP_GROUPS:
+            self.groups = [merge_groups(self.groups[j:j + 2]) for j in range(0, len(self.groups), 2)]
 
     def _trim(self) -> None:
         """Drop samples no future interpolation can need (older than the second-newest before tau)."""
@@ -282,3 +314,11 @@ class Ledger:
             if 0 < covered < 1:
                 watts[-1] = [x / covered for x in watts[-1]]
         return self.bin_s, watts
+
+
+def merge_groups(groups: list[dict]) -> dict:
+    """One step group spanning consecutive ``groups`` (joules, tokens and steps summed)."""
+    a, b = groups[0], groups[-1]
+    return {"first": a["first"], "last": b["last"], "n_steps": sum(g["n_steps"] for g in groups),
+            "t0_s": a["t0_s"], "t1_s": b["t1_s"], "energy_j": sum(g["energy_j"] for g in groups),
+            "tokens": sum(g["tokens"] for g in groups)}

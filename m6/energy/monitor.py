@@ -111,7 +111,9 @@ class EnergyMonitor:
         self.document: dict | None = None
         self._registry = None
         self._servers: list = []
-        self.period_s = 1.0 / cfg.sample_hz
+        # A stepped counter is polled four times per update so its update moments are placed within
+        # 1/8 of its period; other sensors are read at the configured rate.
+        self.period_s = min([1.0 / cfg.sample_hz] + [s.refresh_s / 4 for s in self.sensors if s.stepped])
         # Step groups span at least the slowest counted sensor's refresh period and one sampling period:
         # the timeline cannot resolve anything shorter.
         self.min_window_s = max([s.refresh_s for s in self.sensors if s.counted] + [self.period_s])
@@ -136,7 +138,8 @@ class EnergyMonitor:
         self.started_at, self.started_unix_s = now.isoformat(timespec="seconds"), now.timestamp()
         self.t0_s = time.monotonic()
         self.ledger = Ledger(lags_s=[s.lag_s for s in self.sensors], counted=[s.counted for s in self.sensors],
-                             min_window_s=self.min_window_s, t0_s=self.t0_s)
+                             min_window_s=self.min_window_s, t0_s=self.t0_s,
+                             stepped_s=[s.refresh_s if s.stepped else 0.0 for s in self.sensors])
         self._poll()
         if not self.sensors:
             return self

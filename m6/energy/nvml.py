@@ -87,7 +87,8 @@ class NvmlEnergyCounter(_NvmlSensor):
 
     source = "nvml_energy"
     refresh_s = COUNTER_REFRESH_S
-    lag_s = COUNTER_REFRESH_S / 2
+    lag_s = COUNTER_REFRESH_S
+    stepped = True
 
     def __init__(self, nvml: Any, uuid: str):
         super().__init__(nvml, uuid)

@@ -96,6 +96,8 @@ class Sensor(abc.ABC):
     integrated = False
     refresh_s = 0.1
     lag_s = 0.0
+    stepped = False
+    """The value advances in steps every ``refresh_s`` (an energy counter updated periodically)."""
     counted = True
     """False for a cross-check sensor: reported beside the counted figure, never added to totals."""
     note = ""

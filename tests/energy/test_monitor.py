@@ -53,8 +53,8 @@ def test_per_step_figures_add_up_to_the_window_total(rapl):
     assert all(g["t1_s"] - g["t0_s"] >= 0.1 for g in doc["steps"][:-1]) and len(doc["steps"]) < 40
     t0, t1 = mon.t0_s + train["t0_s"], mon.t0_s + train["t1_s"]
     truth = nv.gpus[0].profile.energy_j(t1) - nv.gpus[0].profile.energy_j(t0) + rapl.counted_energy_j(t0, t1)
-    # A window edge is resolved to within the counter's refresh (100 ms) at the GPU's peak power (350 W).
-    assert abs(train["energy_j"] - truth) <= 0.1 * 350
+    # Update moments of the 100-ms counter are placed within ~1/8 period, so a ~1-s window is good to ~2 %.
+    assert train["energy_j"] == pytest.approx(truth, rel=0.02)
 
 
 def test_nested_windows_attribute_energy_to_the_innermost_and_stages_partition_the_run(rapl):
@@ -77,8 +77,9 @@ def test_nested_windows_attribute_energy_to_the_innermost_and_stages_partition_t
     train_w = next(w for w in doc["windows"] if w["stage"] == "train")
     assert stages["eval"]["energy_j"] == pytest.approx(eval_w["energy_j"], rel=1e-9)
     assert stages["train"]["energy_j"] == pytest.approx(train_w["energy_j"] - eval_w["energy_j"], rel=1e-9)
-    # RAPL zones draw 86 W in total: 0.25 s of eval is ~21 J, give or take ~35 ms of thread scheduling.
-    assert abs(eval_w["energy_j"] - 86 * (eval_w["t1_s"] - eval_w["t0_s"])) <= 86 * 0.035
+    # RAPL zones draw 86 W in total: 0.25 s of eval is ~21 J. The double's writer thread shares the GIL with
+    # the busy steps, so its files can trail by tens of ms on a loaded host: allow 100 ms of staleness.
+    assert abs(eval_w["energy_j"] - 86 * (eval_w["t1_s"] - eval_w["t0_s"])) <= 86 * 0.1
     # Steps after the eval window start at its end, so the eval energy is no step's.
     steps_j = sum(g["energy_j"] for g in doc["steps"])
     assert steps_j == pytest.approx(train_w["energy_j"] - eval_w["energy_j"], rel=0.02)
@@ -149,3 +150,19 @@ def test_two_process_job_reports_each_gpu_and_node_sensors_once(rapl, tmp_path):
     assert r0["running"] == r1["running"]
     assert 0 < r0["running"]["tokens"] <= 24000
     assert 0.5 * doc["totals"]["it_energy_j"] < r0["running"]["energy_j"] <= doc["totals"]["it_energy_j"]
+
+
+def test_step_groups_merge_pairwise_past_the_cap_and_keep_their_sums(monkeypatch):
+    from m6.energy import ledger as ledger_mod
+
+    monkeypatch.setattr(ledger_mod, "MAX_STEP_GROUPS", 4)
+    led = ledger_mod.Ledger(lags_s=[0.0], counted=[True], min_window_s=0.1, t0_s=0.0)
+    led.add_sample(0.0, [0.0])
+    for k in range(1, 40):  # 40 W steady; one step per 0.1 s
+        led.add_event(ledger_mod.Event(k * 0.1, ledger_mod.STEP, step=k, tokens=7))
+        led.add_sample(k * 0.1 + 0.05, [40.0 * (k * 0.1 + 0.05)])
+    led.finish(3.95)
+    assert len(led.groups) <= 8
+    assert sum(g["n_steps"] for g in led.groups) == 39 and sum(g["tokens"] for g in led.groups) == 39 * 7
+    assert sum(g["energy_j"] for g in led.groups) == pytest.approx(40.0 * (3.9 - 0.0), rel=1e-9)
+    assert all(a["last"] + 1 == b["first"] for a, b in zip(led.groups, led.groups[1:]))
