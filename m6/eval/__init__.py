@@ -1,0 +1,1 @@
+"""Evaluation: retrieval, captioning, language-modelling and MoE-health metrics, the HTML report and the deployment gate."""
