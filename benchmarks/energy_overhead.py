@@ -55,6 +55,15 @@ def run_block(model, opt, cfg, B: int, steps: int, first_step: int, monitor: Ene
     return times
 
 
+def bootstrap_median_ci(xs: list[float], n: int = 2000, seed: int = 0) -> list[float]:
+    """95% percentile-bootstrap interval of the median of ``xs``."""
+    import random
+
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(n))
+    return [meds[int(0.025 * n)], meds[int(0.975 * n) - 1]]
+
+
 def call_costs(n: int = 20000) -> dict:
     """Median cost of ``step`` and of a ``window`` enter/exit, in microseconds, on a running monitor."""
     mon = EnergyMonitor(EnergyConfig(), run_id="calls").start()
@@ -118,11 +127,13 @@ def main() -> int:
     costs = call_costs()
     med_off, med_on = statistics.median(off), statistics.median(on)
     q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    ci = bootstrap_median_ci(ratios)
     res = {"preset": args.preset, "batch": B, "steps_per_block": args.steps, "pairs": args.pairs,
            "sample_hz": args.sample_hz, "torch_threads": args.threads,
            "median_step_off_ms": med_off * 1e3, "median_step_on_ms": med_on * 1e3,
            "overhead_pct_of_medians": (med_on / med_off - 1) * 100,
            "paired_ratio_median": statistics.median(ratios), "paired_ratio_iqr": [q[0], q[2]],
+           "paired_ratio_ci95": ci,
            "sampler_cpu_s_per_s": statistics.median(sampler_cpu_per_s), **costs,
            "step_call_pct_of_step": costs["step_call_us"] / (med_off * 1e6) * 100}
     if args.plot:
@@ -146,7 +157,8 @@ def main() -> int:
         print(f"  median step: off {res['median_step_off_ms']:.2f} ms, on {res['median_step_on_ms']:.2f} ms "
               f"-> overhead {res['overhead_pct_of_medians']:+.2f}%")
         print(f"  paired block ratio on/off: median {res['paired_ratio_median']:.4f}, "
-              f"IQR {res['paired_ratio_iqr'][0]:.4f}-{res['paired_ratio_iqr'][1]:.4f}")
+              f"IQR {res['paired_ratio_iqr'][0]:.4f}-{res['paired_ratio_iqr'][1]:.4f}, "
+              f"95% CI of the median {ci[0]:.4f}-{ci[1]:.4f}")
         print(f"  step() call {res['step_call_us']:.2f} us ({res['step_call_pct_of_step']:.5f}% of a step), "
               f"window enter+exit {res['window_us']:.2f} us")
         print(f"  sampler thread CPU: {res['sampler_cpu_s_per_s'] * 1e3:.2f} ms per second of run "

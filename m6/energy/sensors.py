@@ -189,7 +189,7 @@ def _sockets() -> int:
 
 
 class CpuTimeEstimate(Sensor):
-    """Estimated CPU energy of this process (and its live children): CPU seconds × watts per busy thread.
+    """Estimated CPU energy of this process and its descendants: CPU seconds × watts per busy thread.
 
     The process's CPU time, not the machine's load, is the base, so co-located
     jobs on a shared host are not charged to this run. Idle power is not
@@ -200,8 +200,9 @@ class CpuTimeEstimate(Sensor):
     scope = RANK_SCOPE
     estimated = True
     refresh_s = 0.001
-    _CHILDREN_REFRESH_S = 30.0
-    """Child processes (data-loader workers) are long-lived; finding them scans /proc (~3 ms), so rarely."""
+    _CHILDREN_REFRESH_S = 5.0
+    """Finding descendants scans /proc (~3 ms), so it is done every few seconds; one that lives shorter
+    than that is still counted when it exits and is waited for (the kernel's children CPU times)."""
 
     def __init__(self, *, tdp_w: float | None = None, pid: int | None = None, model: str | None = None):
         import psutil
@@ -212,33 +213,38 @@ class CpuTimeEstimate(Sensor):
         self.w_per_thread, self.assumption = cpu_watts_per_thread(tdp_w, model)
         self._children: list = []
         self._children_t = -1e9
-        self._dead_children_cpu_s = 0.0
+        self._last_cpu_s = 0.0
         self._child_cpu_s: dict[int, float] = {}
         self.cpu_s0 = self._cpu_s(time.monotonic())
 
     def _cpu_s(self, t_s: float) -> float:
+        """CPU seconds of the process, its live descendants, and its exited descendants it has waited for."""
         import psutil
 
         if self.own:
             # CLOCK_PROCESS_CPUTIME_ID: one cheap syscall, nanosecond resolution (psutil parses /proc at 10 ms).
-            total = time.process_time()
+            t = os.times()
+            total = time.process_time() + t.children_user + t.children_system
         else:
             t = self.proc.cpu_times()
-            total = t.user + t.system
+            total = t.user + t.system + t.children_user + t.children_system
         if t_s - self._children_t > self._CHILDREN_REFRESH_S:
             try:
                 self._children = self.proc.children(recursive=True)
             except psutil.Error:
                 self._children = []
             self._children_t = t_s
-        for c in self._children:
+        for c in list(self._children):
             try:
                 ct = c.cpu_times()
                 self._child_cpu_s[c.pid] = ct.user + ct.system
             except psutil.Error:
-                # A child that exited keeps the CPU time we last saw for it.
-                pass
-        return total + sum(self._child_cpu_s.values())
+                # Exited: once waited for, the kernel adds its time to children_user/system above.
+                self._children.remove(c)
+                self._child_cpu_s.pop(c.pid, None)
+        # The exit-to-wait gap could dip the sum for a moment; energy never runs backwards.
+        self._last_cpu_s = max(self._last_cpu_s, total + sum(self._child_cpu_s.values()))
+        return self._last_cpu_s
 
     def read(self, t_s: float) -> float:
         return (self._cpu_s(t_s) - self.cpu_s0) * self.w_per_thread

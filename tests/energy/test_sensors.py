@@ -149,3 +149,17 @@ def test_gpu_without_energy_counter_integrates_power_and_says_so():
     truth = nv.gpus[0].profile.energy_j(mon.t1_s) - nv.gpus[0].profile.energy_j(mon.t0_s)
     assert doc["by_source"]["nvml_power"]["integrated"] is True
     assert doc["totals"]["it_energy_j"] == pytest.approx(truth, rel=0.08)
+
+
+def test_cpu_estimate_counts_a_child_process_that_lives_and_exits_between_scans():
+    import subprocess
+    import sys
+
+    est = CpuTimeEstimate(tdp_w=None, model="Mystery CPU")
+    before = est.cpu_seconds()
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import time\nt=time.process_time()\nwhile time.process_time()-t<0.4: pass"])
+    child.wait()
+    # The child burned ~0.4 s of CPU (plus interpreter start-up) and was never seen alive by a scan.
+    assert est.cpu_seconds() - before >= 0.4
+    assert est.read(time.monotonic()) >= 0.4 * est.w_per_thread
