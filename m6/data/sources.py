@@ -83,19 +83,25 @@ def _suffix(uri: str) -> str:
     return name.rsplit(".", 1)[-1] if "." in name else ""
 
 
-def _count_lines(uri: str) -> int:
-    """Lines in a text object (a last line without a newline counts), streamed."""
-    n, last = 0, b"\n"
+def _line_parts(uri: str, every: int) -> list[tuple[int, int, int]]:
+    """``(first line, end line, byte offset of the first line)`` for every ``every`` lines, in one streamed pass.
+
+    Workers seek to their byte offset instead of reading the file from the top, so P
+    partitions of a big captions file cost one read of it, not P.
+    """
+    parts: list[tuple[int, int, int]] = []
+    n, pos, start_pos = 0, 0, 0
     with storage.open_read(uri) as f:
-        while chunk := f.read(1 << 20):
-            n += chunk.count(b"\n")
-            last = chunk
-    return n + (0 if last.endswith(b"\n") else 1)
-
-
-def _line_parts(uri: str, every: int) -> list[tuple[int, int | None]]:
-    n = _count_lines(uri)
-    return [(s, min(n, s + every)) for s in range(0, max(n, 1), every)]
+        for line in io.BufferedReader(f) if isinstance(f, io.RawIOBase) else f:
+            if n % every == 0:
+                start_pos = pos
+            pos += len(line)
+            n += 1
+            if n % every == 0:
+                parts.append((n - every, n, start_pos))
+    if n % every or not parts:
+        parts.append((n - n % every, n, start_pos if n % every else pos))
+    return parts
 
 
 def _is_muge_texts(uri: str) -> bool:
@@ -140,11 +146,11 @@ def discover(inputs: list[str], fmt: str | None = None) -> list[Partition]:
                 every = TEXT_LINES_PER_PARTITION if f == "text" else LINES_PER_PARTITION
                 ranges = _line_parts(uri, every)
             else:
-                ranges = [(0, None)]
+                ranges = [(0, None, 0)]
         except OSError as e:  # permission denied, a folder where a file was expected, a dead endpoint
             raise UserError(f"input {inputs[inp_i]}: cannot read {uri}: {e}") from None
-        for s, e in ranges:
-            parts.append(Partition(len(parts), inp_i, f, uri, root, s, e, extra))
+        for s, e, offset in ranges:
+            parts.append(Partition(len(parts), inp_i, f, uri, root, s, e, {**extra, "offset": offset}))
     return parts
 
 
@@ -186,14 +192,22 @@ def _classify(i: int, inp: str, files: list[str], fmt: str | None, is_file: bool
 
 
 @contextlib.contextmanager
-def _lines(uri: str, start: int, stop: int | None) -> Iterator[Iterator[tuple[int, bytes]]]:
+def _lines(uri: str, start: int, stop: int | None, offset: int = 0) -> Iterator[Iterator[tuple[int, bytes]]]:
+    """``(line number, line without EOL)`` for lines ``start`` up to ``stop``; line ``start`` begins at byte ``offset``."""
     with storage.open_read(uri) as f:
+        if offset and f.seekable():
+            f.seek(offset)
+        elif offset:  # an S3 stream: skip the bytes before this partition without splitting them into lines
+            left = offset
+            while left > 0:
+                got = f.read(min(left, 1 << 20))
+                if not got:
+                    break
+                left -= len(got)
         buf = io.BufferedReader(f) if isinstance(f, io.RawIOBase) else f
 
         def gen() -> Iterator[tuple[int, bytes]]:
-            for n, line in enumerate(buf):
-                if n < start:
-                    continue
+            for n, line in enumerate(buf, start=start):
                 if stop is not None and n >= stop:
                     return
                 yield n, line.rstrip(b"\r\n")
@@ -242,7 +256,7 @@ def _read_image(root: str, rel: str) -> bytes | object:
 
 
 def _read_imagefolder(p: Partition) -> Iterator[Item]:
-    with _lines(p.uri, p.start, p.stop) as lines:
+    with _lines(p.uri, p.start, p.stop, p.extra.get("offset", 0)) as lines:
         for n, line in lines:
             if not line.strip():
                 continue
@@ -373,7 +387,7 @@ def _load_muge_texts(uris: list[str]) -> dict[str, list[str]]:
 
 def _read_muge(p: Partition) -> Iterator[Item]:
     texts = _load_muge_texts(p.extra["texts"])
-    with _lines(p.uri, p.start, p.stop) as lines:
+    with _lines(p.uri, p.start, p.stop, p.extra.get("offset", 0)) as lines:
         for n, line in lines:
             if not line.strip():
                 continue
@@ -393,7 +407,7 @@ def _read_muge(p: Partition) -> Iterator[Item]:
 
 def _read_text(p: Partition) -> Iterator[Item]:
     is_jsonl = _suffix(p.uri) == "jsonl"
-    with _lines(p.uri, p.start, p.stop) as lines:
+    with _lines(p.uri, p.start, p.stop, p.extra.get("offset", 0)) as lines:
         for n, line in lines:
             if not line.strip():
                 continue  # blank lines separate nothing and are not documents
