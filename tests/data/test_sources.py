@@ -158,3 +158,17 @@ def test_format_flag_selects_one_layout_and_files_can_be_inputs(synth_dir, wds_d
     assert sum(p.stop - p.start for p in only_texts) == info["text_docs"]
     one_tar = discover([wds_dir[0] + "/a.tar"])
     assert [(p.fmt, p.uri.rsplit("/", 1)[-1]) for p in one_tar] == [("wds", "a.tar")]
+
+
+@pytest.mark.parametrize("content", [b"a\nb\nc\nd\ne\n", b"a\nb\nc\nd\ne", b"", b"a\n", b"x\n\ny\nzz\r\n"])
+def test_line_partitions_cover_every_line_once(tmp_path, content):
+    from m6.data.sources import _line_parts, _lines
+
+    p = tmp_path / "f.txt"
+    p.write_bytes(content)
+    for every in (1, 2, 3, 10):
+        got = []
+        for start, stop, offset in _line_parts(str(p), every):
+            with _lines(str(p), start, stop, offset) as lines:
+                got += [(n, line) for n, line in lines]
+        assert got == list(enumerate(content.splitlines()))
