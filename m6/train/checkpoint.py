@@ -97,7 +97,12 @@ def consolidated_state(model: torch.nn.Module, ep_group: Any, zero_stage: int) -
                 parts = [torch.empty_like(t) for _ in range(dist.get_world_size(ep_group))]
                 dist.all_gather(parts, t.contiguous(), group=ep_group)
                 t = torch.cat(parts, 0)
-            out[names[id(p)]] = t.to("cpu", torch.float32).contiguous().clone()
+            from m6.train.engine import SCALAR_PARAMS
+
+            name = names[id(p)]
+            if name in SCALAR_PARAMS:
+                t = t.reshape(())
+            out[name] = t.to("cpu", torch.float32).contiguous().clone()
     return out
 
 

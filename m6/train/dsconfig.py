@@ -85,6 +85,12 @@ def deepspeed_config(train: TrainConfig, *, world_size: int, on_gpu: bool, n_lay
         raise ConfigError("train.offload: granular offload runs with train.zero_stage 0 (ZeRO flattens layers away)")
     if offload.mode == "optimizer" and train.zero_stage == 0:
         raise ConfigError("train.offload: optimizer offload (ZeRO-Offload) needs train.zero_stage >= 1")
+    if train.zero_stage == 3 and train.objective_weights.get("contrastive", 0) > 0:
+        # The contrastive objective runs the encoder twice (images, texts) before one backward;
+        # ZeRO-3 then reduces a parameter twice in one bucket and asserts (DeepSpeed issue #5321).
+        raise ConfigError("train.objective_weights: the contrastive objective cannot run under ZeRO-3 "
+                          "(DeepSpeed cannot reduce a parameter used twice in one step); set its weight to 0 "
+                          "or use train.zero_stage <= 2")
     precision = resolve_precision(train, on_gpu)
     zero: dict[str, Any] = {"stage": train.zero_stage}
     if train.zero_stage >= 1:

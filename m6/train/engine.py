@@ -15,6 +15,10 @@ from m6.train.dsconfig import OffloadPlan, deepspeed_config, lr_at, parse_offloa
 log = logging.getLogger(__name__)
 
 
+SCALAR_PARAMS: set[str] = set()
+"""Names of 0-dim parameters trained as shape [1] under ZeRO-3 (see build_engine)."""
+
+
 class TrainModule(nn.Module):
     """What the DeepSpeed engine wraps: the model, plus one DeepSpeed MoE marker per MoE layer.
 
@@ -114,6 +118,15 @@ def build_engine(model: nn.Module, cfg: Config, *, world_size: int, on_gpu: bool
         from m6.config import ConfigError
 
         raise ConfigError("train.ep_size: ZeRO-3 runs experts data-parallel (DeepSpeed MoE stops at stage 2); use ep_size 1")
+    if t.zero_stage == 3:
+        # ZeRO-3 partitions every parameter by viewing it as bytes, impossible for a 0-dim tensor;
+        # such scalars (the contrastive temperature) train as shape [1] and are saved as scalars.
+        for name, p in list(model.named_parameters()):
+            if p.dim() == 0:
+                owner_name, _, leaf = name.rpartition(".")
+                owner = model.get_submodule(owner_name) if owner_name else model
+                owner.register_parameter(leaf, nn.Parameter(p.detach().reshape(1).clone()))
+                SCALAR_PARAMS.add(name)
     markers = moe_markers(model, ep_size) if t.zero_stage < 3 else []
     module = TrainModule(model, markers)
     groups = param_groups(model, t.weight_decay, offload)
@@ -135,10 +148,13 @@ def build_engine(model: nn.Module, cfg: Config, *, world_size: int, on_gpu: bool
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, t))
 
     if t.zero_stage == 3:
-        # The tied LM head reads the token embedding outside its module's forward.
-        tok = getattr(model, "tok", None)
-        if tok is not None:
-            deepspeed.zero.register_external_parameter(model, tok.weight)
+        # The router returns a Routing record ZeRO-3 cannot look inside, so it would not re-gather
+        # router weights for backward; a ZeRO-3 "leaf" MoE layer is gathered whole instead.
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from m6.model.moe import MoE
+
+        set_z3_leaf_modules(model, [MoE])
     # DeepSpeed's initial broadcast views each parameter as bytes, which fails for 0-dim tensors
     # (the contrastive temperature). Every rank builds the model from the same seed, so those
     # are equal already; DeepSpeed's own "do not broadcast" mark skips them during set-up only.

@@ -77,7 +77,7 @@ def run(cfg: Config, data_uri: str, out_uri: str, *, resume: str | None = None, 
                                     share_layers=cfg.model.share_layers or t.p2r_delink_step is not None)
     cfg = dataclasses.replace(cfg, model=model_cfg)
     has_moe = model_cfg.moe_every > 0 and any(model_cfg.is_moe_layer(i) for i in range(model_cfg.n_layers))
-    ep_group = expert_groups(ep) if has_moe and t.zero_stage < 3 else None
+    ep_group = expert_groups(ep) if has_moe else None
     # Same init seed on every rank: replicated weights start equal, and experts differ only by EP rank.
     torch.manual_seed(t.seed)
     model = M6Model(model_cfg, ep_group=ep_group if ep > 1 else None)
