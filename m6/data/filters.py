@@ -154,12 +154,13 @@ def process_image(data: bytes, cfg: DataConfig) -> tuple[ProcessedImage | None, 
     """Decode, check, resize (shorter side to ``cfg.image_size``) and encode an image once.
 
     JPEGs are decoded in draft mode: libjpeg scales by 1/2, 1/4 or 1/8 inside the IDCT, so a
-    large photo never gets decoded at full resolution (the final resize is still Lanczos-quality).
+    large photo never gets decoded at full resolution (the final resize to the exact size is bicubic).
+    Camera photos are turned upright by their EXIF orientation before resizing.
 
     Returns:
         ``(image, None)`` or ``(None, reason)``.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         return None, "image_empty"
@@ -189,6 +190,11 @@ def process_image(data: bytes, cfg: DataConfig) -> tuple[ProcessedImage | None, 
     except Exception:
         return None, "image_truncated" if _looks_truncated(data) else "image_corrupt"
     try:
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1) if im.format in ("JPEG", "WEBP", "PNG") else 1
+        if orientation in (5, 6, 7, 8):  # rotated by 90°: the upright image has the other aspect
+            new = (new[1], new[0])
+        if orientation != 1:
+            im = ImageOps.exif_transpose(im)
         if im.mode != "RGB":
             im = _to_rgb(im)
         if im.size != new:
@@ -227,6 +233,7 @@ def _to_rgb(im):
 
 
 PHASH_BITS = 256
+_EXIF_ORIENTATION = 0x0112
 
 
 _DCT_ROWS = None

@@ -141,3 +141,20 @@ def test_phash256_matches_imagehash_reference():
         im = Image.open(BytesIO(jpeg(shape=i, size=(64 + 8 * i, 64), color=(20 * i, 120, 255 - 20 * i)))).convert("RGB")
         ref = int("".join("1" if b else "0" for b in imagehash.phash(im, hash_size=16).hash.flatten()), 2)
         assert phash256(im) == ref
+
+
+def test_exif_rotated_photo_is_turned_upright_before_resizing():
+    from io import BytesIO
+
+    from PIL import Image
+
+    im = Image.new("RGB", (120, 60), (250, 250, 250))
+    im.paste((200, 0, 0), (0, 0, 30, 60))  # red band on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display needs a 90° clockwise turn
+    buf = BytesIO()
+    im.save(buf, format="JPEG", exif=exif.tobytes())
+    img, reason = process_image(buf.getvalue(), small_cfg(image_size=32))
+    assert reason is None and img.size == (32, 64)
+    up = Image.open(BytesIO(img.data)).convert("RGB")
+    assert up.getpixel((16, 2))[0] > 150 and up.getpixel((16, 60))[1] > 150  # red band now on top
