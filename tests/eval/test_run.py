@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 
@@ -90,7 +91,7 @@ def test_report_embeds_plots_examples_and_the_gate_decision(trained_eval):
     assert page.count("data:image/png;base64,") >= 2 + len(doc["examples"]["captions"])
     for section in ("Retrieval", "MoE health", "Training loss", "Image → generated caption", "Text query → top images"):
         assert section in page
-    assert doc["gate"]["decision"] in ("promote", "hold") and doc["gate"]["reason"] in page
+    assert doc["gate"]["decision"] in ("promote", "hold") and html.escape(doc["gate"]["reason"]) in page
 
 
 def test_evaluated_samples_never_come_from_the_training_split(trained_eval, eval_data):
