@@ -28,7 +28,7 @@ from typing import Any
 from m6.config import EnergyConfig
 from m6.energy.carbon import grid_intensity
 from m6.energy.ledger import BEGIN, END, STEP, Event, Ledger
-from m6.energy.sensors import NODE_SCOPE, CpuTimeEstimate, Sensor, SensorUnavailable
+from m6.energy.sensors import NODE_SCOPE, CpuTimeEstimate, GpuBoardPowerEstimate, Sensor, SensorUnavailable
 from m6.energy.summary import build_document
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ def discover_sensors(cfg: EnergyConfig, *, local_rank: int = 0, unavailable: lis
                      nvml: Any = None) -> list[Sensor]:
     """The best sources this process can use, in priority order; each miss is written to ``unavailable``.
 
-    GPU: the NVML energy counter, else NVML power integration. CPU and DRAM: RAPL
+    GPU: the NVML energy counter, else NVML power integration, else (a GPU in use without
+    NVML) its board power over the run, flagged ``estimated``. CPU and DRAM: RAPL
     (node-level; opened on local rank 0 only). Where no CPU sensor is readable,
     the process's CPU time is turned into an estimate, flagged ``estimated``.
     """
@@ -51,6 +52,9 @@ def discover_sensors(cfg: EnergyConfig, *, local_rank: int = 0, unavailable: lis
         sensors += open_gpu_sensors(local_rank, nvml=nvml, cross_check=cfg.gpu_power_cross_check)
     except SensorUnavailable as e:
         missing.append({"sensor": "gpu", "reason": str(e)})
+        gpu = GpuBoardPowerEstimate.for_this_process()
+        if gpu is not None:  # a GPU is in use but unmetered: estimate it rather than leave it out
+            sensors.append(gpu)
     cpu_measured = False
     if local_rank == 0:
         try:

@@ -53,7 +53,8 @@ def load_document(run_uri: str) -> dict:
 def markdown(doc: dict, png_name: str | None = REPORT_PNG) -> str:
     """The report text for an energy.json document."""
     t, c = doc["totals"], doc["carbon"]
-    kind = ("measured" if not t["estimated"] else "estimated" if not t["measured"] else "partly estimated")
+    kind = ("not measured (energy tracking was disabled)" if doc.get("disabled") else "measured"
+            if not t["estimated"] else "estimated" if not t["measured"] else "partly estimated")
     lines = [
         f"# Energy report: run `{doc['run_id']}`",
         "",

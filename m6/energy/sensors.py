@@ -258,3 +258,54 @@ class CpuTimeEstimate(Sensor):
 
     def describe(self) -> dict:
         return {**super().describe(), "assumption": self.assumption, "w_per_thread": self.w_per_thread}
+
+
+# --------------------------------------------------------------------------- GPU without NVML
+
+# Board power in watts (vendor spec sheets, SXM parts where both exist).
+GPU_BOARD_W: list[tuple[str, float]] = [
+    ("H200", 700.0), ("H100", 700.0), ("A100", 400.0), ("V100", 300.0), ("A10", 150.0), ("L40", 300.0),
+    ("L4", 72.0), ("T4", 70.0), ("A6000", 300.0), ("4090", 450.0), ("3090", 350.0),
+]
+DEFAULT_GPU_BOARD_W = 300.0
+
+
+class GpuBoardPowerEstimate(Sensor):
+    """A GPU this process computes on, without NVML: its board power for the whole run (an upper bound)."""
+
+    source = "estimate"
+    scope = RANK_SCOPE
+    estimated = True
+    refresh_s = 0.001
+
+    def __init__(self, name: str, board_w: float | None = None):
+        self.device = "gpu"
+        self.name = name
+        match = next((w for key, w in GPU_BOARD_W if key in name), None)
+        self.board_w = board_w or match or DEFAULT_GPU_BOARD_W
+        self.assumption = (f"{name}: no NVML, so its {'looked-up' if match else 'assumed default'} board power "
+                           f"{self.board_w:g} W is charged for the whole run (an upper bound: real draw is lower "
+                           f"when the GPU waits)")
+        self.t0_s = time.monotonic()
+
+    @classmethod
+    def for_this_process(cls) -> "GpuBoardPowerEstimate | None":
+        """The estimate for torch's current CUDA device, or None when this process has not initialised CUDA."""
+        import sys
+
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return None
+        dev = torch.cuda.current_device()
+        sensor = cls(torch.cuda.get_device_name(dev))
+        sensor.device = f"gpu{dev}"
+        return sensor
+
+    def read(self, t_s: float) -> float:
+        return self.board_w * max(0.0, t_s - self.t0_s)
+
+    def uncertainty(self) -> Uncertainty:
+        return Uncertainty(0.5, "board power charged for wall time: overstates a partly idle GPU, by up to ~2x")
+
+    def describe(self) -> dict:
+        return {**super().describe(), "assumption": self.assumption, "model": self.name}

@@ -163,3 +163,13 @@ def test_cpu_estimate_counts_a_child_process_that_lives_and_exits_between_scans(
     # The child burned ~0.4 s of CPU (plus interpreter start-up) and was never seen alive by a scan.
     assert est.cpu_seconds() - before >= 0.4
     assert est.read(time.monotonic()) >= 0.4 * est.w_per_thread
+
+
+def test_gpu_without_nvml_is_charged_its_board_power_as_an_estimate():
+    from m6.energy.sensors import GpuBoardPowerEstimate
+
+    g = GpuBoardPowerEstimate("NVIDIA A100-SXM4-80GB")
+    t = g.t0_s + 2.0
+    assert g.read(t) == pytest.approx(800.0) and g.estimated and "looked-up board power 400 W" in g.assumption
+    assert GpuBoardPowerEstimate("Some Future GPU").board_w == 300.0
+    assert GpuBoardPowerEstimate.for_this_process() is None  # no CUDA initialised in this process
