@@ -296,7 +296,7 @@ class EnergyMonitor:
         for s in self.sensors:
             s.close()
         if self.cfg.prometheus_cross_check and self.rank == 0:
-            from m6.energy.crosscheck import cross_check
+            from m6.energy.prom import cross_check
 
             self.document["external_cross_checks"] = cross_check(self.document, self.cfg.prometheus_cross_check)
         if self.cfg.pushgateway:

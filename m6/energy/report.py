@@ -177,7 +177,7 @@ def render(run_uri: str, out_uri: str | None = None, prometheus_url: str | None 
     """
     doc = load_document(run_uri)
     if prometheus_url:
-        from m6.energy.crosscheck import cross_check
+        from m6.energy.prom import cross_check
 
         doc["external_cross_checks"] = cross_check(doc, prometheus_url)
     folder = out_uri or (run_uri.rsplit("/", 1)[0] if run_uri.endswith(".json") else run_uri)
