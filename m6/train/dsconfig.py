@@ -85,6 +85,10 @@ def deepspeed_config(train: TrainConfig, *, world_size: int, on_gpu: bool, n_lay
         raise ConfigError("train.offload: granular offload runs with train.zero_stage 0 (ZeRO flattens layers away)")
     if offload.mode == "optimizer" and train.zero_stage == 0:
         raise ConfigError("train.offload: optimizer offload (ZeRO-Offload) needs train.zero_stage >= 1")
+    if train.p2r_delink_step is not None and train.zero_stage != 0:
+        # Carrying Adam state from a shared tensor to its per-layer copies needs per-parameter
+        # optimizer state; ZeRO keeps flat partitions instead.
+        raise ConfigError("train.p2r_delink_step: Pseudo-to-Real runs with train.zero_stage 0")
     if train.zero_stage == 3 and train.objective_weights.get("contrastive", 0) > 0:
         # The contrastive objective runs the encoder twice (images, texts) before one backward;
         # ZeRO-3 then reduces a parameter twice in one bucket and asserts (DeepSpeed issue #5321).

@@ -74,24 +74,20 @@ class ParamBreakdown:
 
 
 def param_breakdown(m: ModelConfig) -> ParamBreakdown:
-    """Count parameters analytically (matches the M6 layer layout: attention 4d², FFN 2·d·d_ff)."""
+    """Split the model's parameter count (``m6.model.params.count_params``) by how it shards,
+    plus the largest single layer (attention 4d², FFN 2·d·d_ff, experts) for granular offload."""
+    from m6.model.params import count_params
+
+    counts = count_params(m)
     d = m.d_model
     attn = 4 * d * d + 4 * d + 4 * d  # q,k,v,o with biases, two layer norms
     dense_ffn = 2 * d * m.d_ff + m.d_ff + d
     one_expert = 2 * d * m.expert_d_ff + m.expert_d_ff + d
     router = d * m.num_experts
-    stored_layers = 1 if m.share_layers else m.n_layers
     moe_layers = sum(m.is_moe_layer(i) for i in range(m.n_layers))
-    stored_moe = (1 if moe_layers else 0) if m.share_layers else moe_layers
-    stored_dense_ffn = (1 if moe_layers < m.n_layers else 0) if m.share_layers else m.n_layers - moe_layers
-    embed = m.vocab_size * d + m.max_text_len * d + 3 * m.patch_size**2 * d + m.num_patches * d + 2 * d
-    heads = d * m.contrastive_dim * 2 + m.vq_codebook_size * d
-    dense = stored_layers * attn + stored_dense_ffn * dense_ffn + stored_moe * router + embed + heads
-    expert = stored_moe * m.num_experts * one_expert
-    k = m.top_k * m.num_prototypes
-    active = m.n_layers * attn + (m.n_layers - moe_layers) * dense_ffn + moe_layers * (router + k * one_expert) + embed
     layer_max = attn + (router + m.num_experts * one_expert if moe_layers else dense_ffn)
-    return ParamBreakdown(dense=dense, expert=expert, active=active, layer_max=layer_max, moe_layers=moe_layers)
+    return ParamBreakdown(dense=counts["total"] - counts["expert"], expert=counts["expert"], active=counts["active"],
+                          layer_max=layer_max, moe_layers=moe_layers)
 
 
 @dataclass
