@@ -104,11 +104,11 @@ def curate_item(item: Item, part: Partition, cfg: DataConfig, st: PartStats) -> 
     for raw in item.captions:
         kw = {"min_chars": cfg.min_text_chars, "max_chars": cfg.max_text_chars} if is_text else {}
         text, lang_c, reason, changes = check_caption(raw, lang, cfg, **kw)
-        st.modified.update(changes)
         if text is None:
             first_reason = first_reason or reason
         elif text not in kept:
             kept.append(text)
+            st.modified.update(changes)  # cleaned and kept (what the report's "cleaned" line counts)
             lang = lang or lang_c
     if not kept:
         st.drop(first_reason or "caption_empty", item)
