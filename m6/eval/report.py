@@ -163,7 +163,9 @@ def render_html(doc: dict, es: EvalSet, train_rows: list[dict]) -> str:
     if doc.get("moe"):
         moe_rows = "".join(f"<tr><td>{m['layer']}</td><td>{m['load_cv']:.3f}</td><td>{m['drop_rate']:.4f}</td>"
                            f"<td>{m['router_entropy']:.3f} / {m['router_entropy_max']:.3f}</td></tr>" for m in doc["moe"])
-        sections += ["<h2>MoE health</h2>", expert_heatmap(doc["moe"]),
+        sections += ["<h2>MoE health</h2>",
+                     "<p>Routing of every token in the held-out perplexity passes, summed per layer.</p>",
+                     expert_heatmap(doc["moe"]),
                      "<table><tr><th>layer</th><th>load CV</th><th>drop rate</th><th>router entropy / max (nats)</th>"
                      f"</tr>{moe_rows}</table>"]
     loss = loss_plot(train_rows)

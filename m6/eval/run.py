@@ -136,33 +136,25 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, *, cfg: EvalConfig | N
     """
     t0 = time.perf_counter()
     model, run_cfg, tokenizer, meta = loaded if loaded is not None else load_checkpoint(model_uri)
+    meta = meta or {}
     cfg = cfg or getattr(run_cfg, "eval", None) or EvalConfig()
     split = split or cfg.split
     if split not in ("test", "val", "all"):
         raise UserError(f"--split {split}: evaluate test, val or all; the training split is never evaluated")
     model.eval()
-    timing: dict[str, float] = {}
-    t = time.perf_counter()
-    if not storage.exists(storage.join(data_uri, "manifest.json")) and storage.exists(storage.join(data_uri, "captions.jsonl")):
-        if split != "all":
-            raise UserError(f"{data_uri} is an uncurated captions.jsonl folder with no splits: evaluate it with --split all")
-        es, data_sha = load_raw_folder(data_uri)
-    else:
-        es, manifest = load_split(data_uri, split, cfg.max_samples, model_data_uri=_trained_on(meta or {}))
-        data_sha = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-    timing["load_s"] = time.perf_counter() - t
-    checkpoint = str((meta or {}).get("checkpoint") or model_uri)
+    es, data_sha = _load_data(data_uri, split, cfg, meta)
+    timing = {"load_s": time.perf_counter() - t0}
+    checkpoint = str(meta.get("checkpoint") or model_uri)
     doc: dict[str, Any] = {
         "schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {"uri": str(model_uri), "checkpoint": checkpoint, "step": (meta or {}).get("step"),
+        "model": {"uri": str(model_uri), "checkpoint": checkpoint, "step": meta.get("step"),
                   "preset": getattr(run_cfg, "preset", None)},
-        "data": {"uri": str(data_uri), "split": split,
-                 "manifest_sha256": data_sha,
-                 "samples": es.samples, "images": len(es.images), "texts": len(es.texts), "documents": len(es.docs),
+        "data": {"uri": str(data_uri), "split": split, "manifest_sha256": data_sha, "samples": es.samples,
+                 "images": len(es.images), "texts": len(es.texts), "documents": len(es.docs),
                  "dropped": es.dropped, "overlap_check": es.overlap},
         "config": {k: getattr(cfg, k) for k in ("batch_size", "max_samples", "recall_ks", "ties", "caption_method",
                                                 "caption_max_tokens", "seed")},
-        "text_to_image": None,
+        "text_to_image": None,  # no image-generation head yet; its metrics join this document when one exists
     }
     from m6.eval import model_eval
 
@@ -172,45 +164,61 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, *, cfg: EvalConfig | N
     if es.images and es.texts:
         t = time.perf_counter()
         temb, iemb = model_eval.embed(model, mcfg, es, tokenizer, cfg.batch_size)
-        rel = es.relevance()
-        r = retrieval_metrics(temb, iemb, rel, ks=cfg.recall_ks, ties=cfg.ties)
-        sim = r.pop("sim")
-        for d, q, g in (("t2i", sim, rel), ("i2t", sim.T, rel.T)):
-            r[d].pop("per_query")
-            r[d]["curve"] = recall_curve(q, g, max_k=min(50, q.shape[1]), ties=cfg.ties)
-            chance = chance_recall(g, ks=range(1, len(r[d]["curve"]) + 1))
-            r[d]["chance_curve"] = [chance[f"R@{k}"] for k in range(1, len(r[d]["curve"]) + 1)]
-        r["images"], r["texts"] = len(es.images), len(es.texts)
-        doc["retrieval"] = r
-        top_images = [list(np.argsort(-sim[i], kind="stable")[:5]) for i in range(min(cfg.num_examples, len(es.texts)))]
+        doc["retrieval"], top_images = _retrieval(temb, iemb, es, cfg)
         timing["retrieval_s"] = time.perf_counter() - t
         t = time.perf_counter()
         preds = model_eval.captions(model, mcfg, es, tokenizer, cfg.batch_size, cfg.caption_max_tokens, cfg.caption_method)
         captioned = [i for i, refs in enumerate(es.references) if refs]  # gallery distractors have none
-        c = caption_metrics([preds[i] for i in captioned], [es.references[i] for i in captioned])
-        c.pop("per_item_cider_d")
-        doc["captioning"] = c
+        doc["captioning"] = caption_metrics([preds[i] for i in captioned], [es.references[i] for i in captioned])
+        doc["captioning"].pop("per_item_cider_d")
         timing["captioning_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    lm, health = model_eval.perplexity(model, mcfg, es, tokenizer, cfg.batch_size, cfg.seed)
-    doc["lm"] = lm
+    doc["lm"], health = model_eval.perplexity(model, mcfg, es, tokenizer, cfg.batch_size, cfg.seed)
     doc["moe"] = health.summary()
     timing["lm_s"] = time.perf_counter() - t
     doc["metrics"] = _metric_table(doc, es, checkpoint)
-    doc["examples"] = {
-        "captions": [{"image": i, "key": es.image_keys[i], "prediction": preds[i], "references": es.references[i]}
-                     for i in range(min(cfg.num_examples, len(preds)))],
-        "queries": [{"text": es.texts[q], "top_images": [int(i) for i in top],
-                     "relevant": [int(i) for i in np.flatnonzero(es.relevance()[q])]} for q, top in enumerate(top_images)],
-    }
+    doc["examples"] = _examples(es, preds, top_images, cfg.num_examples)
     if gate:
-        champion = load_champion(champion_uri)
-        doc["gate"] = gate_mod.decide(doc, champion, cfg)
-        doc["gate"]["champion_uri"] = champion_uri
+        doc["gate"] = {**gate_mod.decide(doc, load_champion(champion_uri), cfg), "champion_uri": champion_uri}
     timing["total_s"] = time.perf_counter() - t0
     doc["timing_s"] = timing
     write_outputs(doc, es, out_uri, _run_metrics(model_uri))
     return doc
+
+
+def _load_data(data_uri: str, split: str, cfg: EvalConfig, meta: dict) -> tuple[EvalSet, str]:
+    """The eval set and a fingerprint of its source (manifest or captions.jsonl), for comparing evaluations."""
+    if not storage.exists(storage.join(data_uri, "manifest.json")) and storage.exists(storage.join(data_uri, "captions.jsonl")):
+        if split != "all":
+            raise UserError(f"{data_uri} is an uncurated captions.jsonl folder with no splits: evaluate it with --split all")
+        return load_raw_folder(data_uri)
+    es, manifest = load_split(data_uri, split, cfg.max_samples, model_data_uri=_trained_on(meta))
+    return es, hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def _retrieval(temb: np.ndarray, iemb: np.ndarray, es: EvalSet, cfg: EvalConfig) -> tuple[dict, list[list[int]]]:
+    """Retrieval metrics with recall@K curves and their random floors, and the top images of the example queries."""
+    rel = es.relevance()
+    r = retrieval_metrics(temb, iemb, rel, ks=cfg.recall_ks, ties=cfg.ties)
+    sim = r.pop("sim")
+    for d, q, g in (("t2i", sim, rel), ("i2t", sim.T, rel.T)):
+        r[d].pop("per_query")
+        r[d]["curve"] = recall_curve(q, g, max_k=min(50, q.shape[1]), ties=cfg.ties)
+        chance = chance_recall(g, ks=range(1, len(r[d]["curve"]) + 1))
+        r[d]["chance_curve"] = [chance[f"R@{k}"] for k in range(1, len(r[d]["curve"]) + 1)]
+    r["images"], r["texts"] = len(es.images), len(es.texts)
+    top = [list(np.argsort(-sim[i], kind="stable")[:5]) for i in range(min(cfg.num_examples, len(es.texts)))]
+    return r, top
+
+
+def _examples(es: EvalSet, preds: list[str], top_images: list[list[int]], n: int) -> dict:
+    rel = es.relevance() if top_images else None
+    return {
+        "captions": [{"image": i, "key": es.image_keys[i], "prediction": preds[i], "references": es.references[i]}
+                     for i in range(min(n, len(preds)))],
+        "queries": [{"text": es.texts[q], "top_images": [int(i) for i in top],
+                     "relevant": [int(i) for i in np.flatnonzero(rel[q])]} for q, top in enumerate(top_images)],
+    }
 
 
 def summarize(doc: dict, out_uri: str) -> tuple[dict, str]:
