@@ -170,8 +170,9 @@ def curate(inputs: list[str], output: str, cfg: DataConfig, fmt: str | None = No
     t0 = time.perf_counter()
     parts = discover(inputs, fmt)
     work = storage.join(output, WORK_DIR)
-    if storage.exists(storage.join(output, "COMPLETE")):  # not complete while it is being rewritten
-        storage.delete(storage.join(output, "COMPLETE"))
+    for name in ("COMPLETE", "manifest.json"):  # an earlier dataset here stops being readable while rewritten
+        if storage.exists(storage.join(output, name)):
+            storage.delete(storage.join(output, name))
     log.info("curating %d inputs as %d partitions with %d workers into %s", len(inputs), len(parts), cfg.workers, output)
     part_stats, resumed = _worker_stage(parts, cfg, work, cfg.workers)
     t_workers = time.perf_counter() - t0
@@ -217,6 +218,9 @@ def curate(inputs: list[str], output: str, cfg: DataConfig, fmt: str | None = No
         tok = train_tokenizer(_iter_lines(Path(tmp) / "texts.txt"), cfg.tokenizer_vocab_size)
         save_tokenizer(tok, storage.join(output, "tokenizer.json"))
     stats["tokenizer_vocab_size"] = tok.get_vocab_size()
+    duration_s = time.perf_counter() - t0  # everything but writing the report and manifest
+    stats["duration_s"] = round(duration_s, 3)
+    stats["samples_per_s"] = round(read / max(duration_s, 1e-9), 1)
     # Drop shards left over from an earlier, larger run into the same place.
     names = {sh["name"] for sh in final["shards"]}
     for u in storage.list_uris(output, recursive=False):
