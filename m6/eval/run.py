@@ -243,11 +243,13 @@ def summarize(doc: dict, out_uri: str) -> tuple[dict, str]:
 
 
 def write_outputs(doc: dict, es: EvalSet, out_uri: str, train_rows: list[dict]) -> None:
-    """``eval.json``, ``metrics.json`` (KFP Metrics) and ``report.html`` under ``out_uri``."""
+    """``eval.json``, ``metrics.json`` (KFP Metrics), ``gate.json`` (with a gate decision) and ``report.html``."""
     from m6.eval.report import render_html
 
     storage.write_json(storage.join(out_uri, "eval.json"), _jsonable(doc))
     storage.write_json(storage.join(out_uri, "metrics.json"), kfp_metrics(doc["metrics"]))
+    if "gate" in doc:  # the decision alone, for a pipeline step that only branches on it
+        storage.write_json(storage.join(out_uri, "gate.json"), _jsonable(doc["gate"]))
     storage.write_text(storage.join(out_uri, "report.html"), render_html(doc, es, train_rows))
     log.info("wrote eval.json, metrics.json and report.html to %s", out_uri)
 

@@ -92,6 +92,7 @@ def test_report_embeds_plots_examples_and_the_gate_decision(trained_eval):
     for section in ("Retrieval", "MoE health", "Training loss", "Image → generated caption", "Text query → top images"):
         assert section in page
     assert doc["gate"]["decision"] in ("promote", "hold") and html.escape(doc["gate"]["reason"]) in page
+    assert storage.read_json(storage.join(out, "gate.json"))["decision"] == doc["gate"]["decision"]
 
 
 def test_evaluated_samples_never_come_from_the_training_split(trained_eval, eval_data):
