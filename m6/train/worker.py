@@ -189,6 +189,8 @@ def run(cfg: Config, data_uri: str, out_uri: str, *, resume: str | None = None, 
         "checkpoint": last_ckpt, "resumed_from": resumed_from, "energy": energy_uri,
         "metrics": storage.join(out_uri, "metrics.jsonl"), "p2r_delink_step": t.p2r_delink_step,
         "data_counts": dict(batches.counts),
+        "offload_placement": (engine.optimizer.placement() if hasattr(engine.optimizer, "placement") else None),
+        "offloaded_layers": sorted(getattr(engine.optimizer, "offload_layers", [])),
     }
     if rank == 0:
         storage.write_json(storage.join(out_uri, "train_summary.json"), summary)
