@@ -9,6 +9,7 @@ import os
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from m6 import storage
@@ -37,8 +38,12 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="sample", mininterval=2.0, smoothing=0.1, dynamic_ncols=True)
 
 
-def _worker_stage(parts: list[Partition], cfg: DataConfig, work: str, workers: int) -> tuple[list[dict], int]:
-    """Run every partition not already done; returns part stats in partition order and how many were resumed."""
+def _partition_results(parts: list[Partition], cfg: DataConfig, work: str, workers: int) -> tuple[int, Iterator[dict]]:
+    """How many partitions are resumed, and every partition's stats in partition order as each becomes ready.
+
+    Results come in order (``Pool.imap``), so the serial dedup/shard stage consumes partition
+    ``i`` while the workers are still curating ``i+1, i+2, …``: the two stages overlap.
+    """
     done: dict[int, dict] = {}
     todo = []
     for p in parts:
@@ -47,26 +52,37 @@ def _worker_stage(parts: list[Partition], cfg: DataConfig, work: str, workers: i
             done[p.index] = st
         else:
             todo.append(p)
-    resumed = len(done)
-    if resumed:
-        log.info("resuming: %d of %d partitions already complete and verified", resumed, len(parts))
-    est = sum(((p.stop or 0) - p.start) or 1 for p in todo)
-    bar = _progress(est, "curate")
-    try:
-        if workers <= 1 or len(todo) <= 1:
-            for p in todo:
-                st = process_partition(p, cfg, work)
-                done[p.index] = st
+    if done:
+        log.info("resuming: %d of %d partitions already complete and verified", len(done), len(parts))
+
+    def ordered() -> Iterator[dict]:
+        bar = _progress(sum((p.stop - p.start) if p.stop is not None else 1 for p in todo), "curate")
+        pool = None
+        try:
+            if workers <= 1 or len(todo) <= 1:
+                results: Iterator[dict] = (process_partition(p, cfg, work) for p in todo)
+            else:
+                ctx = mp.get_context("spawn" if os.environ.get("M6_MP_SPAWN") else "fork")
+                pool = ctx.Pool(min(workers, len(todo)))
+                results = pool.imap(_run_partition, [(p, cfg, work) for p in todo])
+            for p in parts:
+                if p.index in done:
+                    yield done[p.index]
+                    continue
+                st = next(results)
                 bar.update(st["read"])
-        else:
-            ctx = mp.get_context("spawn" if os.environ.get("M6_MP_SPAWN") else "fork")
-            with ctx.Pool(min(workers, len(todo))) as pool:
-                for st in pool.imap_unordered(_run_partition, [(p, cfg, work) for p in todo]):
-                    done[st["partition"]["index"]] = st
-                    bar.update(st["read"])
-    finally:
-        bar.close()
-    return [done[p.index] for p in parts], resumed
+                yield st
+            if pool is not None:
+                pool.close()
+                pool.join()
+                pool = None
+        finally:
+            if pool is not None:  # an error or an interrupt: stop the workers now
+                pool.terminate()
+                pool.join()
+            bar.close()
+
+    return len(done), ordered()
 
 
 class _Hist:
@@ -91,7 +107,7 @@ class _Hist:
                 for k in ("side_px", "caption_chars", "text_chars")}
 
 
-def _final_stage(parts: list[Partition], part_stats: list[dict], cfg: DataConfig, output: str, work: str,
+def _final_stage(parts: list[Partition], results: Iterator[dict], cfg: DataConfig, output: str, work: str,
                  text_path: Path) -> dict:
     """Stream candidates in partition order: global dedup, split, write final shards, collect texts."""
     dedup = Deduplicator(cfg)
@@ -103,11 +119,11 @@ def _final_stage(parts: list[Partition], part_stats: list[dict], cfg: DataConfig
     kept_per_input: Counter = Counter()
     hist = _Hist()
     heldout = 0
-    bar = _progress(sum(s["candidates"] for s in part_stats), "dedup+shard")
+    part_stats: list[dict] = []
     with open(text_path, "w", encoding="utf-8") as texts:
-        for p in parts:
+        for p, st in zip(parts, results):
+            part_stats.append(st)
             for s in iter_shard(part_uris(work, p.index)[0]):
-                bar.update(1)
                 meta = s["json"]
                 d = meta.pop("_dedup")
                 if meta["kind"] == "image":
@@ -134,9 +150,8 @@ def _final_stage(parts: list[Partition], part_stats: list[dict], cfg: DataConfig
                 writer.write(s)
                 for t in meta.get("captions") or [s["txt"]]:
                     texts.write(t.replace("\n", " ") + "\n")
-    bar.close()
     shards = writer.close()
-    return {"shards": shards, "reused_shards": writer.reused, "dropped": dropped, "examples": examples,
+    return {"part_stats": part_stats, "shards": shards, "reused_shards": writer.reused, "dropped": dropped, "examples": examples,
             "split": {k: split_counts.get(k, 0) for k in ("train", "val", "test")}, "kept_by": kept_by,
             "kept_per_input": kept_per_input, "hist": hist.to_dict(), "heldout": heldout}
 
@@ -174,10 +189,13 @@ def curate(inputs: list[str], output: str, cfg: DataConfig, fmt: str | None = No
         if storage.exists(storage.join(output, name)):
             storage.delete(storage.join(output, name))
     log.info("curating %d inputs as %d partitions with %d workers into %s", len(inputs), len(parts), cfg.workers, output)
-    part_stats, resumed = _worker_stage(parts, cfg, work, cfg.workers)
-    t_workers = time.perf_counter() - t0
+    resumed, results = _partition_results(parts, cfg, work, cfg.workers)
     with tempfile.TemporaryDirectory(prefix="m6-curate-") as tmp:
-        final = _final_stage(parts, part_stats, cfg, output, work, Path(tmp) / "texts.txt")
+        try:
+            final = _final_stage(parts, results, cfg, output, work, Path(tmp) / "texts.txt")
+        finally:
+            results.close()  # on an error, stops the worker pool before the error propagates
+        part_stats = final["part_stats"]
         read = sum(s["read"] for s in part_stats)
         dropped: Counter = Counter()
         modified: Counter = Counter()
@@ -208,7 +226,8 @@ def curate(inputs: list[str], output: str, cfg: DataConfig, fmt: str | None = No
             "kept_by_lang": {lang: sum(v for (_, ll), v in final["kept_by"].items() if ll == lang) for lang in ("en", "zh")},
             "heldout_kept": final["heldout"], "split": final["split"], "by_input": by_input,
             "shards": len(final["shards"]), "reused_shards": final["reused_shards"], "resumed_partitions": resumed,
-            "workers": cfg.workers, "duration_s": round(duration_s, 3), "worker_stage_s": round(t_workers, 3),
+            "workers": cfg.workers, "duration_s": round(duration_s, 3),
+            "worker_stage_s": round(sum(s["duration_s"] for s in part_stats), 3),
             "samples_per_s": round(read / max(duration_s, 1e-9), 1), "histograms": final["hist"],
             "reasons": REASONS,
         }
