@@ -275,15 +275,18 @@ def split_member_name(name: str) -> tuple[str, str]:
 def iter_shard(shard_uri: str) -> Iterator[dict]:
     """Stream the samples of one shard: ``{"__key__", "jpg"|"png" (bytes), "txt" (str), "json" (dict)}``."""
     cur: dict | None = None
-    with storage.open_read(shard_uri) as f:
-        for name, data in iter_tar_members(f):
-            key, ext = split_member_name(name)
-            if cur is not None and cur["__key__"] != key:
-                yield cur
-                cur = None
-            if cur is None:
-                cur = {"__key__": key}
-            cur[ext] = _decode(ext, data)
+    try:
+        with storage.open_read(shard_uri) as f:
+            for name, data in iter_tar_members(f):
+                key, ext = split_member_name(name)
+                if cur is not None and cur["__key__"] != key:
+                    yield cur
+                    cur = None
+                if cur is None:
+                    cur = {"__key__": key}
+                cur[ext] = _decode(ext, data)
+    except (TarTruncated, tarfile.TarError) as e:
+        raise UserError(f"{shard_uri}: damaged shard ({e}); re-run curation to rewrite it") from None
     if cur is not None:
         yield cur
 

@@ -123,3 +123,16 @@ def test_synth_is_deterministic_and_records_dirt_and_heldout(tmp_path):
 def test_synth_rejects_unknown_language(tmp_path):
     with pytest.raises(ValueError, match="unknown language"):
         synthesize(str(tmp_path), n=5, langs=["fr"])
+
+
+def test_a_damaged_shard_is_named_in_the_error(tmp_path):
+    from m6.errors import UserError
+
+    w = ShardWriter(str(tmp_path), max_samples=100, max_bytes=1 << 30)
+    for s in _samples(4):
+        w.write(s)
+    name = w.close()[0]["name"]
+    data = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match=f"{name}: damaged shard"):
+        list(iter_shard(str(tmp_path / name)))
