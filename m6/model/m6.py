@@ -53,6 +53,27 @@ class PatchEncoder(nn.Module):
         return self.proj(feats).flatten(2).transpose(1, 2)  # (B, P, D)
 
 
+class AttentionPool(nn.Module):
+    """One learned query attending over a sequence (multihead attention pooling).
+
+    Mean pooling over a single shared stream leaves every sample dominated by the
+    same position/segment component, and the contrastive loss then collapses all
+    embeddings together; a learned query can weight the informative positions.
+    """
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, d_model) * 0.02)
+        self.attn = nn.MultiheadAttention(d_model, n_heads, batch_first=True)
+        self.ln = nn.LayerNorm(d_model)
+
+    def forward(self, h_BLD: torch.Tensor, valid_BL: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.query.expand(h_BLD.shape[0], -1, -1)
+        pad = None if valid_BL is None else ~valid_BL
+        out, _ = self.attn(q, h_BLD, h_BLD, key_padding_mask=pad, need_weights=False)
+        return self.ln(out[:, 0])
+
+
 class M6Model(nn.Module):
     """Unified multimodal MoE transformer; see the module docstring and ``forward``."""
 
@@ -66,6 +87,8 @@ class M6Model(nn.Module):
         self.txt_pos = nn.Embedding(cfg.max_text_len, D)
         self.seg = nn.Embedding(3, D)
         self.encoder = Transformer(cfg, ep_group)
+        self.img_pool = AttentionPool(D, cfg.n_heads)
+        self.txt_pool = AttentionPool(D, cfg.n_heads)
         self.img_proj = nn.Linear(D, cfg.contrastive_dim, bias=False)
         self.txt_proj = nn.Linear(D, cfg.contrastive_dim, bias=False)
         # CLIP's learnable temperature, initialised to 1/0.07 (arXiv 2103.00020, Sec. 2.5).
@@ -191,15 +214,13 @@ class M6Model(nn.Module):
 
     def _embed_image(self, image):
         h, aux = self.encoder(self._image_embed(image), None)
-        return F.normalize(self.img_proj(h.mean(1)), dim=-1), aux
+        return F.normalize(self.img_proj(self.img_pool(h)), dim=-1), aux
 
     def _embed_text(self, text):
         valid = text != PAD_ID
         x = self._text_embed(text, SEG_SOURCE)
         h, aux = self.encoder(x, prefix_lm_mask(valid, text.shape[1]), token_valid=valid)
-        w = valid.unsqueeze(-1).to(h.dtype)
-        pooled = (h * w).sum(1) / w.sum(1).clamp_min(1.0)
-        return F.normalize(self.txt_proj(pooled), dim=-1), aux
+        return F.normalize(self.txt_proj(self.txt_pool(h, valid)), dim=-1), aux
 
     def embed_image(self, image: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings ``[B, contrastive_dim]`` in the contrastive space."""

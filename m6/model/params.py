@@ -49,7 +49,8 @@ def count_params(cfg: ModelConfig) -> dict:
         blocks_expert += exp
         blocks_inactive += exp - per_tok
     embed = cfg.vocab_size * D + cfg.max_text_len * D + 3 * D + cfg.num_patches * D
-    heads = 2 * D * cfg.contrastive_dim + 1
+    pools = 2 * (4 * D * D + 7 * D)  # image and text attention pooling: query, MHA, LayerNorm
+    heads = pools + 2 * D * cfg.contrastive_dim + 1
     total = _patch_encoder_params(cfg) + embed + blocks_total + 2 * D + heads
 
     matmul_per_token = cfg.vocab_size * D  # tied LM head
