@@ -50,15 +50,20 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 30.0) -> No
 class PrometheusServer:
     """One prometheus process scraping the given targets every 500 ms."""
 
-    def __init__(self, folder: Path, targets: list[str]):
+    def __init__(self, folder: Path, targets: list[str], pushgateway: str | None = None):
         _ensure_installed()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         folder.mkdir(parents=True, exist_ok=True)
         cfg = folder / "prometheus.yml"
+        jobs = [{"job_name": "m6", "static_configs": [{"targets": targets}]}]
+        if pushgateway:
+            # honor_labels keeps the pushing job's own job/instance labels.
+            jobs.append({"job_name": "pushgateway", "honor_labels": True,
+                         "static_configs": [{"targets": [pushgateway.split("://", 1)[-1]]}]})
         cfg.write_text(json.dumps({  # JSON is YAML
             "global": {"scrape_interval": "500ms", "scrape_timeout": "400ms"},
-            "scrape_configs": [{"job_name": "m6", "static_configs": [{"targets": targets}]}],
+            "scrape_configs": jobs,
         }))
         self.log = open(folder / "prometheus.log", "wb")
         self.proc = subprocess.Popen(
@@ -73,11 +78,11 @@ class PrometheusServer:
         assert body["status"] == "success", body
         return body["data"]["result"]
 
-    def wait_scraping(self, n_targets: int, timeout_s: float = 30.0) -> None:
-        """Block until every target has been scraped once (Prometheus applies new targets on a 5-s tick)."""
+    def wait_scraping(self, n_targets: int, timeout_s: float = 30.0, job: str = "m6") -> None:
+        """Block until ``job``'s targets have been scraped once (Prometheus applies new targets on a 5-s tick)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            up = self.query("up")
+            up = self.query(f'up{{job="{job}"}}')
             if len(up) >= n_targets and all(r["value"][1] == "1" for r in up):
                 return
             time.sleep(0.2)
@@ -91,11 +96,11 @@ class PrometheusServer:
 
 @pytest.fixture
 def prometheus(tmp_path):
-    """A factory: ``prometheus(["127.0.0.1:PORT"])`` starts a server scraping those targets."""
+    """A factory: ``prometheus(["127.0.0.1:PORT"], pushgateway=URL)`` starts a server scraping those."""
     servers: list[PrometheusServer] = []
 
-    def start(targets: list[str]) -> PrometheusServer:
-        servers.append(PrometheusServer(tmp_path / f"prometheus{len(servers)}", targets))
+    def start(targets: list[str], pushgateway: str | None = None) -> PrometheusServer:
+        servers.append(PrometheusServer(tmp_path / f"prometheus{len(servers)}", targets, pushgateway))
         return servers[-1]
 
     yield start

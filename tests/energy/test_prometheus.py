@@ -139,3 +139,35 @@ def test_dcgm_cross_check_queries_prometheus_for_the_runs_gpus(prometheus, tmp_p
     assert dcgm["source"] == "dcgm" and nv.gpus[1].uuid in dcgm["query"] and nv.gpus[0].uuid not in dcgm["query"]
     assert dcgm["energy_j"] == pytest.approx(dcgm["ours_j"], rel=0.10)
     assert "Exporter cross-checks" in (tmp_path / "energy_report.md").read_text()
+
+
+def test_m6_train_is_scraped_while_it_runs_and_pushes_its_final_joules(prometheus, pushgateway, tmp_path):
+    from .fakes import free_port
+
+    raw, data, out = tmp_path / "raw", tmp_path / "data", tmp_path / "m6run"
+    m6 = [sys.executable, "-m", "m6"]
+    subprocess.run([*m6, "data", "synth", "--out", str(raw), "--n", "80"], check=True, capture_output=True)
+    subprocess.run([*m6, "curate", "--input", str(raw), "--output", str(data)], check=True, capture_output=True)
+    port = free_port()
+    prom = prometheus([f"127.0.0.1:{port}"], pushgateway=pushgateway)
+    prom.wait_scraping(1, job="pushgateway")  # scraping has begun; the trainer's port comes up later
+    cfg = tmp_path / "energy.json"
+    cfg.write_text(json.dumps({"energy": {"pushgateway": pushgateway}}))
+    train = subprocess.run([*m6, "train", "--preset", "tiny", "--data", str(data), "--out", str(out), "--steps", "40",
+                            "--metrics-port", str(port), "--config", str(cfg), "--json"],
+                           capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-3000:]
+    doc = json.loads((out / "energy.json").read_text())
+    assert doc["pushed_to"] == pushgateway
+    q = 'sum(m6_energy_joules_total{job="m6-m6run"})'
+    got, end = None, time.monotonic() + 20
+    while time.monotonic() < end:
+        res = prom.query(q)
+        got = float(res[0]["value"][1]) if res else None
+        if got == pytest.approx(doc["totals"]["it_energy_j"], rel=1e-9):
+            break
+        time.sleep(0.5)
+    assert got == pytest.approx(doc["totals"]["it_energy_j"], rel=1e-9)
+    # While training ran, Prometheus scraped the trainer's own /metrics (rank 0 serves on --metrics-port).
+    (direct,) = prom.query('max_over_time(m6_steps_total{job="m6"}[10m])')
+    assert 0 < float(direct["value"][1]) <= 40
