@@ -150,6 +150,32 @@ def timed(fn, grad: torch.Tensor, module: nn.Module, x: torch.Tensor) -> float:
     return CLOCK() - t0
 
 
+def plot(result: dict, path: str) -> None:
+    """Bar chart of time and saved-activation memory relative to the dense FFN, per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if not r["variant"].startswith("dense")]
+    names = [r["variant"] for r in rows]
+    colors = ["tab:blue" if n.startswith("m6") else "tab:orange" if n.startswith("deepspeed") else "tab:gray"
+              for n in names]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.32 * len(rows) + 1.5), sharey=True)
+    for ax, key, title in ((axes[0], "x_dense", "fwd+bwd time / dense FFN"),
+                           (axes[1], "mem_x_dense", "saved activations / dense FFN")):
+        ax.barh(range(len(rows)), [r[key] for r in rows], color=colors)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_title(title)
+    axes[0].set_yticks(range(len(rows)), names, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle(f"MoE layer, fp32 CPU, {result['tokens']} tokens, d={result['d_model']}, d_ff={result['d_ff']} "
+                 f"({result['clock']}, median of {result['reps']} interleaved rounds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=8192)
@@ -160,8 +186,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: time by thread CPU time)")
     ap.add_argument("--no-deepspeed", action="store_true")
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--out", default=None, help="write the results as JSON here (and a PNG plot next to it)")
+    ap.add_argument("--replot", default=None, help="only redraw the plot of an earlier --out JSON")
     args = ap.parse_args(argv)
+    if args.replot:
+        result = json.loads(Path(args.replot).read_text())
+        plot(result, str(Path(args.replot).with_suffix(".png")))
+        return result
     T, d, f = args.tokens, args.d_model, args.d_ff
     global CLOCK
     torch.set_num_threads(args.threads)
@@ -243,6 +274,7 @@ def main(argv=None) -> dict:
               "clock": clock, "torch": torch.__version__, "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
+        plot(result, str(Path(args.out).with_suffix(".png")))
     return result
 
 
