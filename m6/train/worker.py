@@ -161,6 +161,7 @@ def run(cfg: Config, data_uri: str, out_uri: str, *, resume: str | None = None, 
             last_rec = metrics.flush(step, lr=sched.get_last_lr()[0], grad_norm=gn,
                                      moe=engine.module.model.moe_stats(), device=device)
             metrics.write()
+            _write_losses(out_uri, rank, losses_by_step, start_step)
         if (step + 1) % t.save_every == 0 or last or stop:
             last_ckpt = _save(root, step + 1, tokens_seen, rank, engine, sched, batches, cfg, tok_json, world, ep_group,
                               t.keep_last)
