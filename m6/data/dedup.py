@@ -44,6 +44,8 @@ class PHashIndex:
             table.setdefault(k, []).append((h, sig))
 
 
+LSH_MARGIN = 0.15
+"""LSH candidate threshold = minhash_threshold − this; candidates are verified exactly."""
 MINHASH_SCHEME = "affine32"
 """datasketch's hashing scheme; signatures are only comparable within one scheme."""
 
@@ -74,11 +76,14 @@ class Deduplicator:
         self._texts: set[bytes] = set()
         self._phash = PHashIndex(cfg.phash_hamming, cfg.near_dup_color_tol)
         self._lsh = None
-        self._n_lsh = 0
+        self._sigs: list = []
+        """Kept texts' signatures (uint32, 4 bytes per permutation) to verify LSH candidates."""
         if cfg.near_dup_texts:
             from datasketch import MinHashLSH
 
-            self._lsh = MinHashLSH(threshold=cfg.minhash_threshold, num_perm=cfg.minhash_perm)
+            # Banding retrieves candidates at a lower threshold than the decision; each candidate is then
+            # checked against the estimated Jaccard itself, so pairs just above the threshold are not missed.
+            self._lsh = MinHashLSH(threshold=max(0.5, cfg.minhash_threshold - LSH_MARGIN), num_perm=cfg.minhash_perm)
 
     def check_image(self, pixel_hash: str, phash: int, color_sig: bytes = b"") -> str | None:
         """Reason code when the image duplicates a kept one, else record it and return None."""
@@ -101,11 +106,12 @@ class Deduplicator:
             import numpy as np
             from datasketch import MinHash
 
-            m = MinHash(num_perm=self.cfg.minhash_perm, hashvalues=np.asarray(minhash, dtype=np.uint64),
-                        scheme=MINHASH_SCHEME)
-            if self._lsh.query(m):
-                return "dup_text_near"
-            self._lsh.insert(f"t{self._n_lsh}", m, check_duplication=False)
-            self._n_lsh += 1
+            sig = np.asarray(minhash, dtype=np.uint64)
+            m = MinHash(num_perm=self.cfg.minhash_perm, hashvalues=sig, scheme=MINHASH_SCHEME)
+            for cand in self._lsh.query(m):
+                if float(np.mean(self._sigs[cand] == sig)) >= self.cfg.minhash_threshold:
+                    return "dup_text_near"
+            self._lsh.insert(len(self._sigs), m, check_duplication=False)
+            self._sigs.append(sig.astype(np.uint32))
         self._texts.add(key)
         return None

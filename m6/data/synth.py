@@ -185,8 +185,11 @@ def _dirty_image(kind: str, clean: bytes, rng: random.Random, a: dict) -> bytes 
     """Bytes for an image-side dirt kind (None: no file is written at all)."""
     from PIL import Image, ImageEnhance
 
-    if kind == "corrupt":  # a JPEG header followed by garbage: identifies, fails to decode
-        return clean[:200] + bytes(rng.randrange(256) for _ in range(max(64, len(clean) - 200)))
+    if kind == "corrupt":  # a complete JPEG whose Huffman table was overwritten: identifies, fails to decode
+        b = bytearray(clean if clean[:2] == b"\xff\xd8" else _encode(render(a, rng), "jpg"))
+        k = b.find(b"\xff\xc4")
+        b[k + 4:k + 40] = bytes(rng.randrange(256) for _ in range(36))
+        return bytes(b)
     if kind == "truncated":
         return clean[: int(len(clean) * rng.uniform(0.3, 0.7))]
     if kind == "zero_byte":
@@ -238,20 +241,23 @@ def _dirty_caption(kind: str, rec: dict, rng: random.Random) -> tuple[dict | Non
 
 def _text_docs(n: int, langs: list[str], rng: random.Random, dirt_rate: float, dirt: dict) -> list[str]:
     lines: list[str] = []
+    clean: list[str] = []  # duplicates copy clean documents, as reposts of a real listing would
     for i in range(n):
         a = _draw_attrs(rng)
         lang = rng.choice(langs)
         doc = document_for(a, lang, rng)
         rec = {"id": f"doc{i:06d}", "text": doc, "lang": lang}
-        if lines and rng.random() < dirt_rate:
+        if clean and rng.random() < dirt_rate:
             kind = rng.choice(TEXT_DIRT)
             dirt[rec["id"]] = "text_" + kind
             if kind == "exact_dup":
-                prev = json.loads(rng.choice(lines))
+                prev = json.loads(rng.choice(clean))
                 rec["text"], rec["lang"] = prev["text"], prev["lang"]
             elif kind == "near_dup":
-                prev = json.loads(rng.choice(lines))
-                rec["text"], rec["lang"] = prev["text"].rstrip("。.") + ("!" if prev["lang"] == "en" else "！"), prev["lang"]
+                prev = json.loads(rng.choice(clean))
+                # The same listing reposted with a short tag line: a near duplicate, not an exact one.
+                rec["text"] = prev["text"] + (" Ships today." if prev["lang"] == "en" else "今日发货。")
+                rec["lang"] = prev["lang"]
             elif kind == "html":
                 rec["text"] = f"<div>{doc}</div> see https://shop.example.com/p/{i}"
             elif kind == "empty":
@@ -260,6 +266,8 @@ def _text_docs(n: int, langs: list[str], rng: random.Random, dirt_rate: float, d
                 rec["text"] = "click here " + doc
             elif kind == "number":
                 rec["text"] = str(rng.randint(10**6, 10**9))
+        else:
+            clean.append(json.dumps(rec, ensure_ascii=False))
         lines.append(json.dumps(rec, ensure_ascii=False))
     return lines
 
