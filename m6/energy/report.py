@@ -96,7 +96,9 @@ def markdown(doc: dict, png_name: str | None = REPORT_PNG) -> str:
               "", "By source: " + ", ".join(f"{s}: {_j(v['energy_j'])}" for s, v in sorted(doc["by_source"].items()))]
     assumptions = [f"- {d['device']} (rank {d['rank']}): {d['assumption']}" for d in doc["devices"] if d.get("assumption")]
     assumptions += [f"- {d['device']}: {d['uncertainty_basis']}" for d in doc["devices"]]
-    lines += ["", "## Assumptions and uncertainty", "", *dict.fromkeys(assumptions)]
+    lines += ["", "## Assumptions and uncertainty", "",
+              "The band is the sum over devices of each figure times its source's relative uncertainty "
+              "(errors taken as fully correlated, the conservative choice).", "", *dict.fromkeys(assumptions)]
     if doc["unavailable"]:
         lines += ["", "Sensors not available (their energy is covered by an estimate, never reported as zero):", ""]
         lines += [f"- rank {u['rank']} {u['sensor']}: {u['reason']}" for u in doc["unavailable"]]

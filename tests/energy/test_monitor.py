@@ -166,3 +166,24 @@ def test_step_groups_merge_pairwise_past_the_cap_and_keep_their_sums(monkeypatch
     assert sum(g["n_steps"] for g in led.groups) == 39 and sum(g["tokens"] for g in led.groups) == 39 * 7
     assert sum(g["energy_j"] for g in led.groups) == pytest.approx(40.0 * (3.9 - 0.0), rel=1e-9)
     assert all(a["last"] + 1 == b["first"] for a, b in zip(led.groups, led.groups[1:]))
+
+
+def test_stepped_counter_updates_are_dated_between_polls_so_windows_match_the_truth():
+    from m6.energy import ledger as ledger_mod
+
+    # A counter that advances every 100 ms (phase 37 ms) at 300 W, polled every 25 ms; no threads, no clock.
+    def counter_j(t: float) -> float:
+        return 300.0 * (((t - 0.037) // 0.1) * 0.1 + 0.037)
+
+    led = ledger_mod.Ledger(lags_s=[0.1], counted=[True], min_window_s=0.1, t0_s=1.0, stepped_s=[0.1])
+    led.add_event(ledger_mod.Event(1.23, ledger_mod.BEGIN, stage="w"))
+    led.add_event(ledger_mod.Event(1.81, ledger_mod.END, stage="w"))
+    led.stop_s = 2.0  # as EnergyMonitor.stop sets it before its last polls
+    t = 1.0
+    while t < 2.2:
+        led.add_sample(t, [counter_j(t)])
+        t += 0.025
+    led.finish(2.0)
+    (w,) = led.windows
+    assert w["energy_j"] == pytest.approx(300.0 * 0.58, abs=300.0 * 0.0125 * 2)  # within 1/8 period per edge
+    assert led.total_j() == pytest.approx(300.0 * 1.0, abs=300.0 * 0.0125 * 2)

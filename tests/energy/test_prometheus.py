@@ -107,9 +107,13 @@ class _DcgmExporter:
         for g in self.nv.gpus:
             fam.add_metric([str(g.index), g.uuid, "node-a"], float(g.counter_mj(time.monotonic())))
         yield fam
+        # Kepler's per-pod joules, as if it attributed GPU 1 to the pod "trainer-0".
+        kepler = GaugeMetricFamily("kepler_container_joules_total", "Pod energy (J).", labels=["pod_name"])
+        kepler.add_metric(["trainer-0"], self.nv.gpus[1].counter_mj(time.monotonic()) / 1000)
+        yield kepler
 
 
-def test_dcgm_cross_check_queries_prometheus_for_the_runs_gpus(prometheus, tmp_path):
+def test_dcgm_and_kepler_cross_checks_query_prometheus_for_the_runs_gpus_and_pod(prometheus, tmp_path, monkeypatch):
     from prometheus_client import CollectorRegistry, start_http_server
 
     from m6.energy.nvml import open_gpu_sensors
@@ -131,11 +135,14 @@ def test_dcgm_cross_check_queries_prometheus_for_the_runs_gpus(prometheus, tmp_p
         mon.stop()
         mon.write(str(tmp_path / "energy.json"))
         time.sleep(1.5)  # let Prometheus scrape past the end of the run
+        monkeypatch.setenv("POD_NAME", "trainer-0")
         s = render(str(tmp_path), prometheus_url=prom.url)
     finally:
         server.shutdown()
-    (dcgm,) = s["external_cross_checks"]
-    assert "error" not in dcgm, dcgm
+    dcgm, kepler = s["external_cross_checks"]
+    assert "error" not in dcgm and "error" not in kepler, s["external_cross_checks"]
+    assert kepler["source"] == "kepler" and 'pod_name="trainer-0"' in kepler["query"]
+    assert kepler["energy_j"] == pytest.approx(kepler["ours_j"], rel=0.10)
     assert dcgm["source"] == "dcgm" and nv.gpus[1].uuid in dcgm["query"] and nv.gpus[0].uuid not in dcgm["query"]
     assert dcgm["energy_j"] == pytest.approx(dcgm["ours_j"], rel=0.10)
     assert "Exporter cross-checks" in (tmp_path / "energy_report.md").read_text()
