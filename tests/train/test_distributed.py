@@ -117,3 +117,15 @@ def test_a_failing_rank_stops_the_job_with_its_error(corpus, tmp_path):
     procs = spawn(tiny(steps=4, ep_size=3), corpus, str(tmp_path / "o"), nproc=2, log_sink=open(tmp_path / "log", "w"))
     with pytest.raises(UserError, match=r"(?s)exited with code 2.*--ep 3 does not divide the number of processes 2"):
         supervise(procs)
+
+
+def test_train_command_prints_the_summary_as_json(corpus, tmp_path, capsys):
+    from m6.cli import main
+
+    assert main(["train", "--preset", "tiny", "--data", corpus, "--out", str(tmp_path / "cli"), "--steps", "4",
+                 "--save-every", "2", "--log-every", "2", "--no-energy", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert s["steps"] == 4 and s["first_loss"] and s["last_loss"] > 0 and s["tokens_per_s"] > 0
+    assert s["checkpoint"].endswith("step-00000004") and s["energy"] is None
+    assert main(["train", "--preset", "tiny", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
