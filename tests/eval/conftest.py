@@ -67,7 +67,7 @@ def make_dataset(uri: str, n: int = 96, seed: int = 0, test_fraction: float = 0.
     return manifest
 
 
-def train_tiny(data_uri: str, steps: int = 250, seed: int = 0):
+def train_tiny(data_uri: str, steps: int = 320, seed: int = 0, lr: float = 3e-3, warmup: int = 50):
     """A tiny M6Model trained with a plain torch loop on the contrastive and caption objectives of the train split."""
     import torch
 
@@ -84,7 +84,9 @@ def train_tiny(data_uri: str, steps: int = 250, seed: int = 0):
     images = image_tensor([p[0] for p in pairs], cfg.model.image_size)
     texts = text_tensor([p[1] for p in pairs], tok, cfg.model.max_text_len)
     model = M6Model(cfg.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    # linear warm-up: a full learning rate on step one can collapse the contrastive embeddings
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
     g = torch.Generator().manual_seed(seed)
     # One thread: on a shared 2-core machine two threads per process oversubscribe and run ~6x slower.
     threads = torch.get_num_threads()
@@ -101,6 +103,7 @@ def train_tiny(data_uri: str, steps: int = 250, seed: int = 0):
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
     torch.set_num_threads(threads)
     model.eval()
     meta = {"step": steps, "checkpoint": f"in-memory tiny@{steps}", "data_uri": data_uri,

@@ -10,7 +10,7 @@ from m6 import storage
 from m6.cli import main
 
 
-def test_m6_eval_json_prints_metrics_and_gate_decision(trained_run, eval_data, tmp_path, capsys):
+def test_m6_eval_json_prints_metrics_and_gate_decision(trained, trained_run, eval_data, tmp_path, capsys):
     out = str(tmp_path / "eval")
     rc = main(["eval", "--model", trained_run, "--data", eval_data, "--out", out, "--gate", "--json",
                "--champion", str(tmp_path / "deployed"), "--max-samples", "40"])
@@ -20,7 +20,8 @@ def test_m6_eval_json_prints_metrics_and_gate_decision(trained_run, eval_data, t
     assert summary["metrics"]["retrieval.mean_recall_lift"] > 2.0
     assert summary["samples"] == 40 and summary["split"] == "test"
     doc = storage.read_json(storage.join(out, "eval.json"))
-    assert doc["model"]["step"] == 250 and doc["model"]["checkpoint"].endswith("step-00000250")
+    step = trained[3]["step"]
+    assert doc["model"]["step"] == step and doc["model"]["checkpoint"].endswith(f"step-{step:08d}")
     assert doc["model"]["preset"] == "tiny"
     page = storage.read_text(storage.join(out, "report.html"))
     assert "no training metrics.jsonl" not in page  # the run's loss curves were found and plotted

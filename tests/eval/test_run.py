@@ -62,13 +62,13 @@ def test_trained_model_is_clearly_above_chance(trained_eval, random_eval):
     assert _v(doc, "captioning.bleu4") > 0.1
 
 
-def test_every_metric_carries_split_samples_and_checkpoint(trained_eval):
+def test_every_metric_carries_split_samples_and_checkpoint(trained_eval, trained):
     doc, out = trained_eval
     saved = storage.read_json(storage.join(out, "eval.json"))
     assert saved["schema"] == "m6.eval/v1"
     assert saved["data"]["split"] == "test" and saved["data"]["samples"] > 0
     for name, m in saved["metrics"].items():
-        assert m["split"] == "test" and m["samples"] > 0 and m["checkpoint"] == "in-memory tiny@250", name
+        assert m["split"] == "test" and m["samples"] > 0 and m["checkpoint"] == trained[3]["checkpoint"], name
     assert saved["moe"] and len(saved["moe"][0]["tokens_per_expert"]) == preset("tiny").model.num_experts
     assert saved["text_to_image"] is None
 
