@@ -154,9 +154,15 @@ class EnergyMonitor:
     def _run(self) -> None:
         cpu0 = time.thread_time()
         next_t = time.monotonic()
+        failures = 0
         while not self._stop.is_set():
             next_t += self.period_s
-            self._poll()
+            try:
+                self._poll()
+            except Exception:  # a sampler that dies would silently freeze the figures: log and keep going
+                failures += 1
+                if failures == 1:
+                    log.exception("energy sampler: a poll failed (further failures are counted, not logged)")
             self.overhead_s = time.thread_time() - cpu0
             delay = next_t - time.monotonic()
             if delay < 0:  # fell behind (a loaded host): skip ahead rather than burst
@@ -281,6 +287,7 @@ class EnergyMonitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+            self._thread = None  # later step/begin calls are no-ops instead of piling up
         with self._lock:
             self._poll_locked_final(t_stop)
             part = self.local_part()
