@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
-
 from m6 import storage
 from m6.config import preset
 from m6.eval.run import evaluate
