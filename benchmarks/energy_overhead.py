@@ -8,6 +8,7 @@ block ratios are reported. Also measured: the cost of one ``step`` call and of o
 ``window`` enter/exit, and the sampler thread's CPU time per second of run.
 
     python benchmarks/energy_overhead.py [--pairs 8] [--steps 6] [--preset demo] [--plot energy_overhead.png]
+    python benchmarks/energy_overhead.py --accuracy 10    # attribution error on the NVML test double
 """
 
 from __future__ import annotations
@@ -88,6 +89,38 @@ def call_costs(n: int = 20000) -> dict:
     return {"step_call_us": statistics.median(reps), "window_us": statistics.median(wins)}
 
 
+def accuracy(reps: int) -> dict:
+    """Window and run figures against the true energy of the test suite's NVML double.
+
+    The double's counter advances every 100 ms and its power reads are 1-s averages of a
+    bursty profile (50-ms slots between 200 and 350 W), like a data-centre GPU's.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "energy"))
+    from fakes import fake_nvml
+
+    from m6.energy.nvml import open_gpu_sensors
+
+    win, run, check = [], [], []
+    for r in range(reps):
+        nv = fake_nvml(1)
+        gpu = nv.gpus[0].profile
+        mon = EnergyMonitor(EnergyConfig(sample_hz=10), run_id="acc", sensors=open_gpu_sensors(0, nvml=nv)).start()
+        time.sleep(0.3 + 0.013 * r)  # vary the phase against the counter's updates
+        with mon.window("w"):
+            time.sleep(0.7)
+        time.sleep(0.2)
+        doc = mon.stop()
+        w = next(x for x in doc["windows"] if x["stage"] == "w")
+        w_true = gpu.energy_j(mon.t0_s + w["t1_s"]) - gpu.energy_j(mon.t0_s + w["t0_s"])
+        win.append(w["energy_j"] / w_true - 1)
+        run.append(doc["totals"]["it_energy_j"] / (gpu.energy_j(mon.t1_s) - gpu.energy_j(mon.t0_s)) - 1)
+        check.append(doc["cross_checks"][0]["diff_rel"])
+    pct = lambda xs: {"median_abs_pct": statistics.median(abs(x) for x in xs) * 100,  # noqa: E731
+                      "max_abs_pct": max(abs(x) for x in xs) * 100}
+    return {"reps": reps, "window_0.7s_error": pct(win), "run_error": pct(run),
+            "power_integration_vs_counter": pct(check)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="demo")
@@ -97,9 +130,17 @@ def main() -> int:
     ap.add_argument("--sample-hz", type=float, default=10.0)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--plot", default=None, help="write a PNG of per-step times")
+    ap.add_argument("--accuracy", type=int, default=0, metavar="N",
+                    help="instead: N windows on the test NVML double, errors against its true energy")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if args.accuracy:
+        acc = accuracy(args.accuracy)
+        print(json.dumps(acc) if args.json else "\n".join(
+            f"{k}: median |error| {v['median_abs_pct']:.3f}%, max {v['max_abs_pct']:.3f}%"
+            for k, v in acc.items() if isinstance(v, dict)) + f"\n({acc['reps']} runs)")
+        return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     c = preset(args.preset)
