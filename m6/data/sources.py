@@ -43,9 +43,11 @@ class Partition:
 
     @property
     def tag(self) -> str:
-        """Key prefix: input number + file stem, so keys from different inputs never collide."""
-        stem = storage.basename(self.uri).split(".")[0]
-        return f"{self.input_index:02d}{_KEY_BAD.sub('_', stem)[:24]}"
+        """Key prefix: input number + file name, so keys from different inputs and files never collide."""
+        name = _KEY_BAD.sub("_", storage.basename(self.uri))
+        if len(name) > 24:  # keep keys short; the hash keeps long names apart
+            name = name[:16] + hashlib.sha1(name.encode()).hexdigest()[:8]
+        return f"{self.input_index:02d}{name}"
 
 
 @dataclass
@@ -273,11 +275,14 @@ def _read_imagefolder(p: Partition) -> Iterator[Item]:
 def _read_wds(p: Partition) -> Iterator[Item]:
     group: dict = {}
     gkey = None
+    seen: dict[str, int] = {}  # WebDataset keys must be contiguous; a key seen again gets a suffix, not a clash
 
     def flush() -> Item | None:
         if gkey is None:
             return None
-        key = make_key(p.tag, gkey)
+        n = seen.get(gkey, 0)
+        seen[gkey] = n + 1
+        key = make_key(p.tag, gkey if n == 0 else f"{gkey}-r{n}")
         img = next((group[e] for e in IMAGE_EXTS if e in group), None)
         meta: dict = {"source_key": gkey}
         caps = None

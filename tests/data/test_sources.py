@@ -172,3 +172,24 @@ def test_line_partitions_cover_every_line_once(tmp_path, content):
             with _lines(str(p), start, stop, offset) as lines:
                 got += [(n, line) for n, line in lines]
         assert got == list(enumerate(content.splitlines()))
+
+
+def test_keys_stay_unique_across_same_stem_files_and_non_contiguous_tar_members(tmp_path):
+    import tarfile
+
+    from datakit import add
+
+    d = tmp_path / "mix"
+    d.mkdir()
+    (d / "x.txt").write_text("a short note about a red cup on a table\n")
+    (d / "x.jsonl").write_text(json.dumps({"text": "another note about a blue lamp on a desk"}) + "\n")
+    with tarfile.open(d / "t.tar", "w") as t:
+        add(t, "a.jpg", jpeg(shape=1))
+        add(t, "a.txt", b"first sample called a")
+        add(t, "b.jpg", jpeg(shape=2))
+        add(t, "b.txt", b"a sample called b")
+        add(t, "a.jpg", jpeg(shape=3, color=(10, 200, 10)))
+        add(t, "a.txt", b"a second sample that reuses the key a")
+    stats = curate([str(d)], str(tmp_path / "out"), small_cfg())
+    keys = [s["__key__"] for s in iter_dataset(str(tmp_path / "out"))]
+    assert stats["kept"] == 5 and len(set(keys)) == 5
