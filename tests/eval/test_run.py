@@ -190,3 +190,12 @@ def test_raw_folder_counts_malformed_lines_and_missing_images(random_model, tmp_
     assert doc["data"]["dropped"] == {"image file missing": 1, "malformed captions.jsonl line": 1}
     with pytest.raises(UserError, match="--split all"):
         evaluate("random", str(tmp_path), str(tmp_path / "out2"), loaded=random_model)
+
+
+def test_beam_search_captions_are_scored_too(trained, eval_data, tmp_path):
+    greedy = evaluate("trained", eval_data, str(tmp_path / "g"), loaded=trained, cfg=EvalConfig(max_samples=8))
+    beam = evaluate("trained", eval_data, str(tmp_path / "b"), loaded=trained,
+                    cfg=EvalConfig(max_samples=8, caption_method="beam"))
+    assert beam["config"]["caption_method"] == "beam"
+    assert beam["captioning"]["images"] == greedy["captioning"]["images"] > 0
+    assert all(ex["prediction"] for ex in beam["examples"]["captions"])
