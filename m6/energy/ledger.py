@@ -65,7 +65,7 @@ class Ledger:
     """
 
     def __init__(self, *, lags_s: list[float], counted: list[bool], min_window_s: float, t0_s: float,
-                 bin_s: float = 1.0, stepped_s: list[float] | None = None):
+                 bin_s: float = 0.25, stepped_s: list[float] | None = None):
         n = len(lags_s)
         self.stepped_s = list(stepped_s) if stepped_s is not None else [0.0] * n
         self._prev_poll_s: list[float | None] = [None] * n

@@ -149,9 +149,11 @@ def plot_png(doc: dict) -> bytes:
               if any(d["key"] == k.split("/", 1)[1] and d["counted"] for d in doc["devices"])}
     if series:
         n = max(len(v) for v in series.values())
-        xs = [i * bin_s for i in range(n)]
-        ys = [v + [0.0] * (n - len(v)) for v in series.values()]
+        # Bin edges; the last bin ends at the run's end, and each series repeats its last value there.
+        xs = [i * bin_s for i in range(n)] + [min(n * bin_s, max(doc["duration_s"], (n - 1) * bin_s + 1e-3))]
+        ys = [(v + [0.0] * (n - len(v)))[:n] + [(v + [0.0] * (n - len(v)))[n - 1]] for v in series.values()]
         ax.stackplot(xs, ys, labels=list(series), step="post", alpha=0.85)
+        ax.set_xlim(0, xs[-1])
         ax.legend(loc="upper right", fontsize=7)
     for w in doc["windows"]:
         if w.get("rank", 0) == 0:
