@@ -7,7 +7,7 @@ import json
 import tarfile
 
 import pytest
-from datakit import add, jpeg, png
+from datakit import add, jpeg, png, webp
 
 from m6.data.synth import synthesize
 
@@ -29,6 +29,8 @@ def wds_dir(tmp_path) -> tuple[str, dict]:
         for i in range(6):
             add(t, f"s{i:03d}.jpg", jpeg(shape=i, color=(40 * i % 255, 90, 200)))
             add(t, f"s{i:03d}.txt", f"a blue product number {i} with a red box".encode())
+        add(t, "webp1.webp", webp())
+        add(t, "webp1.txt", "一盏北欧风格的台灯".encode())
         add(t, "png1.png", png())
         add(t, "png1.json", json.dumps({"caption": "a green square on clear background", "url": "http://x"}).encode())
         add(t, "bad1.jpg", b"GIF87a? no, just garbage bytes")

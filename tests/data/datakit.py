@@ -43,6 +43,17 @@ def png(size=(40, 40)) -> bytes:
     return buf.getvalue()
 
 
+def webp(size=(56, 40)) -> bytes:
+    """A small WebP (img2dataset can write webp members)."""
+    from PIL import Image
+
+    im = Image.new("RGB", size, (20, 20, 120))
+    im.paste((250, 220, 0), (10, 10, 30, 30))
+    buf = io.BytesIO()
+    im.save(buf, format="WEBP", quality=90)
+    return buf.getvalue()
+
+
 def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)

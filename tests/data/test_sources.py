@@ -28,10 +28,12 @@ def test_webdataset_tars_with_dirt_and_a_truncated_tar(wds_dir, tmp_path):
     src, expected = wds_dir
     stats = curate([src], str(tmp_path / "out"), small_cfg())
     _invariant(stats)
-    assert stats["read"] == 11 + 4  # a.tar: 11 samples; b.tar: 3 whole + 1 cut
+    assert stats["read"] == 12 + 4  # a.tar: 12 samples; b.tar: 3 whole + 1 cut
     assert _nonzero(stats) == expected
     kept = list(iter_dataset(str(tmp_path / "out")))
-    assert len(kept) == stats["kept"] == 10
+    assert len(kept) == stats["kept"] == 11
+    webp_sample = next(s for s in kept if s["json"].get("source_key") == "webp1")
+    assert webp_sample["json"]["lang"] == "zh" and webp_sample["json"]["orig_size"] == [56, 40]
     png_sample = next(s for s in kept if s["json"].get("source_key") == "png1")
     assert png_sample["txt"] == "a green square on clear background" and png_sample["json"]["url"] == "http://x"
 
