@@ -111,14 +111,15 @@ def load_split(data_uri: str, split: str, max_samples: int | None = None, *, mod
     es = EvalSet(split=split)
     by_hash: dict[str, int] = {}
     seen_by_split = {"train": 0, "val": 0, "test": 0}
-    excluded = 0
+    excluded = admitted_train = 0
     for uri in shard_uris(data_uri, manifest):
         for s in iter_shard(uri):
             which = sample_split(s, sp["val_fraction"], sp["test_fraction"])
             seen_by_split[which] = seen_by_split.get(which, 0) + 1
             if split != "all" and which != split:
                 continue
-            if split != "all" and split_of(s["__key__"], sp["val_fraction"], sp["test_fraction"]) == "train":
+            key_split = split_of(s["__key__"], sp["val_fraction"], sp["test_fraction"])
+            if split != "all" and key_split == "train":
                 # Curated as held out (e.g. ``heldout: true``) while its key hashes into the training
                 # split, which a key-hash reader trains on: never evaluate it.
                 excluded += 1
@@ -126,6 +127,7 @@ def load_split(data_uri: str, split: str, max_samples: int | None = None, *, mod
             if max_samples is not None and es.samples >= max_samples:
                 break
             es.samples += 1
+            admitted_train += int(which == "train" or key_split == "train")  # non-zero only under split "all"
             image = next((s[e] for e in ("jpg", "jpeg", "png", "webp") if isinstance(s.get(e), bytes)), None)
             caps = _captions(s)
             if image is None:  # text-only document (``"kind": "text"``)
@@ -145,7 +147,7 @@ def load_split(data_uri: str, split: str, max_samples: int | None = None, *, mod
             break
     es.finish()
     es.overlap = {"method": sp.get("method"), "val_fraction": sp["val_fraction"], "test_fraction": sp["test_fraction"],
-                  "train_samples_admitted": 0, "samples_seen_by_split": seen_by_split,
+                  "train_samples_admitted": admitted_train, "samples_seen_by_split": seen_by_split,
                   "excluded_key_hash_train": excluded}
     if es.samples == 0:
         raise UserError(f"{data_uri}: the {split!r} split is empty (manifest counts: {sp.get('counts')})")
@@ -192,7 +194,7 @@ def load_raw_folder(uri: str) -> tuple[EvalSet, str]:
             continue
         es.add_pair(str(name).rsplit(".", 1)[0], image, caps, by_hash)
     es.finish()
-    es.overlap = {"method": "uncurated folder: the whole set is evaluated", "train_samples_admitted": 0}
+    es.overlap = {"method": "uncurated folder without splits: the whole set is evaluated", "train_samples_admitted": None}
     if not es.images:
         raise UserError(f"{uri}/captions.jsonl: no readable image (dropped: {es.dropped})")
     return es, hashlib.sha256(raw).hexdigest()

@@ -149,7 +149,8 @@ def render_html(doc: dict, es: EvalSet, train_rows: list[dict]) -> str:
         f"<p>data <code>{html.escape(data['uri'])}</code>, split <b>{html.escape(data['split'])}</b>: "
         f"{data['samples']} samples ({data['images']} images, {data['texts']} captions, {data['documents']} documents); "
         f"dropped: {html.escape(str(data['dropped'] or 'none'))}. Held-out check: "
-        f"{data['overlap_check'].get('train_samples_admitted', 0)} training-split samples admitted "
+        f"{data['overlap_check'].get('train_samples_admitted')} training-split samples admitted, "
+        f"{data['overlap_check'].get('excluded_key_hash_train', 0)} excluded "
         f"(split method: {html.escape(str(data['overlap_check'].get('method')))}).</p>",
         _gate(doc),
         "<h2>Metrics</h2>", _metrics_table(doc),
