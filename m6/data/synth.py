@@ -228,10 +228,10 @@ def _dirty_caption(kind: str, rec: dict, rng: random.Random) -> tuple[dict | Non
         rec["captions"] = ["cheap discount item shipped fast"]
     elif kind == "no_caption_key":
         del rec["captions"]
-    elif kind == "non_utf8":
-        line = json.dumps({**rec, "captions": ["@@"]}, ensure_ascii=False)
-        return None, line.replace('"@@"', '"' + caps[0] + '"').encode("gbk", errors="replace").replace(
-            caps[0].encode("gbk", errors="replace"), caps[0].encode("gbk", errors="replace") + b"\xff\xfe")
+    elif kind == "non_utf8":  # a legacy exporter wrote the line in GBK (Chinese) or Latin-1 (English)
+        zh = rec.get("lang") == "zh"
+        rec["captions"] = [caps[0] if zh else caps[0] + " from the café"]
+        return None, json.dumps(rec, ensure_ascii=False).encode("gbk" if zh else "latin-1", errors="replace")
     elif kind == "malformed_json":
         return None, json.dumps(rec, ensure_ascii=False).encode("utf-8")[:-7]
     else:
