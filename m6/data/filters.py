@@ -87,8 +87,11 @@ def clean_text(text: str) -> tuple[str, list[str]]:
     if u != t:
         changes.append("boilerplate_stripped")
         t = u
+    if any(unicodedata.category(c) in ("Cc", "Cf") and not c.isspace() for c in t):
+        # NULs, zero-width spaces, BOMs and bidi marks from scraped pages: invisible, but they split tokens.
+        t = "".join(c for c in t if c.isspace() or unicodedata.category(c) not in ("Cc", "Cf"))
+        changes.append("control_chars_stripped")
     t = _WS.sub(" ", t).strip(" \t\r\n|-–—·•,;")
-    # Spaces between CJK characters carry no meaning (segmenters add them); keep the ones MUGE queries use.
     return t, changes
 
 

@@ -51,8 +51,9 @@ def test_chinese_caption_with_some_latin_passes_the_cjk_ratio():
     assert reason is None and lang == "zh"
 
 
-def test_clean_text_normalizes_whitespace():
+def test_clean_text_normalizes_whitespace_and_drops_invisible_characters():
     assert clean_text("  a \n\t b  ")[0] == "a b"
+    assert clean_text("红色\u200b杯子\ufeff\x00") == ("红色杯子", ["control_chars_stripped"])
 
 
 @pytest.mark.parametrize("data,reason", [
