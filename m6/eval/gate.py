@@ -94,7 +94,7 @@ def decide(candidate: dict, champion: dict | None, cfg: EvalConfig) -> dict[str,
         return finish("promote", "first model: no champion deployed and every threshold is cleared")
 
     champ = flat_metrics(champion)
-    out["comparable"] = _same_eval_data(candidate, champion)
+    out["comparable"] = same_eval_data(candidate, champion)
     guards = _guard_checks(cand, champ, cfg)
     checks.extend(guards)
     regressed = [g for g in guards if not g["passed"]]
@@ -122,7 +122,8 @@ def decide(candidate: dict, champion: dict | None, cfg: EvalConfig) -> dict[str,
                              f"regressed beyond tolerance{note}")
 
 
-def _same_eval_data(a: dict, b: dict) -> bool | None:
+def same_eval_data(a: dict, b: dict) -> bool | None:
+    """True when two eval documents were computed on the same dataset fingerprint and split; None if unknown."""
     da, db = a.get("data"), b.get("data")
     if not isinstance(da, dict) or not isinstance(db, dict):
         return None

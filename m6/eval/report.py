@@ -114,7 +114,9 @@ def _gate(doc: dict) -> str:
     checks = "".join(f"<tr><td>{c['check']}</td><td>{html.escape(c['metric'])}</td><td>{_fmt(c.get('value'))}</td>"
                      f"<td>{_fmt(c.get('bound', c.get('champion')))}</td><td>{'✓' if c['passed'] else '✗'}</td></tr>"
                      for c in g["checks"])
+    champ = f"<p>champion: {html.escape(str(g.get('champion_eval', '')))}</p>" if g.get("champion_eval") else ""
     return (f"<h2>Gate: <span style='color:{color}'>{g['decision'].upper()}</span></h2><p>{html.escape(g['reason'])}</p>"
+            f"{champ}"
             f"<table><tr><th>check</th><th>metric</th><th>candidate</th><th>bound / champion</th><th>ok</th></tr>"
             f"{checks}</table>")
 

@@ -179,11 +179,39 @@ def evaluate(model_uri: str, data_uri: str, out_uri: str, *, cfg: EvalConfig | N
     doc["metrics"] = _metric_table(doc, es, checkpoint)
     doc["examples"] = _examples(es, preds, top_images, cfg.num_examples)
     if gate:
-        doc["gate"] = {**gate_mod.decide(doc, load_champion(champion_uri), cfg), "champion_uri": champion_uri}
+        champion, note = _comparable_champion(load_champion(champion_uri), doc, data_uri, split, cfg, out_uri)
+        doc["gate"] = {**gate_mod.decide(doc, champion, cfg), "champion_uri": champion_uri, "champion_eval": note}
     timing["total_s"] = time.perf_counter() - t0
     doc["timing_s"] = timing
     write_outputs(doc, es, out_uri, _run_metrics(model_uri))
     return doc
+
+
+def _comparable_champion(champion: dict | None, candidate: dict, data_uri: str, split: str, cfg: EvalConfig,
+                         out_uri: str) -> tuple[dict | None, str]:
+    """The champion's metrics on the candidate's own eval data.
+
+    After a retraining on newly curated data the champion's stored ``eval.json`` was
+    computed on another test split, and comparing numbers across test sets says little.
+    When the champion's checkpoint is still readable it is re-evaluated on this split
+    (into ``<out>/champion/``); otherwise its stored figures are used and the gate
+    marks the comparison as not comparable.
+    """
+    if champion is None:
+        return None, "none deployed"
+    if gate_mod.same_eval_data(candidate, champion) is not False:
+        return champion, "stored eval.json (same data and split)"
+    ckpt = (champion.get("model") or {}).get("checkpoint")
+    try:
+        loaded = load_checkpoint(ckpt) if ckpt else None
+    except (UserError, FileNotFoundError, OSError) as e:
+        log.warning("champion checkpoint %s not loadable (%s); comparing against its stored eval.json", ckpt, e)
+        loaded = None
+    if loaded is None:
+        return champion, "stored eval.json (different data; champion checkpoint not available)"
+    log.info("re-evaluating the champion %s on %s (%s) for a like-for-like gate", ckpt, data_uri, split)
+    again = evaluate(ckpt, data_uri, storage.join(out_uri, "champion"), cfg=cfg, split=split, loaded=loaded)
+    return again, f"re-evaluated on this data from {ckpt}"
 
 
 def _load_data(data_uri: str, split: str, cfg: EvalConfig, meta: dict) -> tuple[EvalSet, str]:

@@ -130,6 +130,14 @@ def eval_data(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def other_data(tmp_path_factory) -> str:
+    """A second dataset of the same kind (another seed): what a retraining curates."""
+    uri = str(tmp_path_factory.mktemp("otherdata") / "ds")
+    make_dataset(uri, n=60, seed=1)
+    return uri
+
+
+@pytest.fixture(scope="session")
 def trained(eval_data):
     return train_tiny(eval_data)
 

@@ -58,3 +58,26 @@ def test_m6_eval_bad_config_key_is_named(trained_run, eval_data, tmp_path, capsy
     rc = main(["eval", "--model", trained_run, "--data", eval_data, "--out", str(tmp_path / "e"), "--config", str(cfg)])
     assert rc == 2
     assert "eval.batch_sise" in capsys.readouterr().err
+
+
+def test_gate_reevaluates_a_champion_measured_on_other_data(trained_run, eval_data, other_data, tmp_path):
+    from m6.config import EvalConfig
+    from m6.eval.run import evaluate
+
+    cfg = EvalConfig(max_samples=40)
+    champ = str(tmp_path / "champ")
+    evaluate(trained_run, other_data, champ, cfg=cfg)
+    cand = evaluate(trained_run, eval_data, str(tmp_path / "cand"), cfg=cfg, gate=True, champion_uri=champ)
+    g = cand["gate"]
+    assert g["champion_eval"].startswith("re-evaluated on this data") and g["comparable"] is True
+    # the same weights on the same data: the primary metric cannot improve
+    assert g["decision"] == "hold" and "did not improve" in g["reason"]
+    assert storage.exists(str(tmp_path / "cand" / "champion" / "eval.json"))
+
+    # a champion whose checkpoint is gone is compared on its stored figures, flagged as not comparable
+    stale = storage.read_json(storage.join(champ, "eval.json"))
+    stale["model"]["checkpoint"] = str(tmp_path / "pruned-checkpoint")
+    storage.write_json(str(tmp_path / "stale" / "eval.json"), stale)
+    g2 = evaluate(trained_run, eval_data, str(tmp_path / "cand2"), cfg=cfg, gate=True,
+                  champion_uri=str(tmp_path / "stale"))["gate"]
+    assert "not available" in g2["champion_eval"] and g2["comparable"] is False
