@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from m6.config import EvalConfig
+import pytest
+
+from m6.config import ConfigError, EvalConfig, load
 from m6.eval.gate import decide, flat_metrics
 
 
@@ -71,3 +73,14 @@ def test_different_eval_data_is_flagged():
 
 def test_flat_metrics_accepts_plain_maps_and_skips_non_numbers():
     assert flat_metrics({"a": 1, "b": {"value": 2.5}, "c": "x", "d": True}) == {"a": 1.0, "b": 2.5}
+
+
+def test_eval_config_errors_name_the_field():
+
+    with pytest.raises(ConfigError, match="eval.split.*never the training split"):
+        load(overrides={"eval": {"split": "train"}})
+    with pytest.raises(ConfigError, match="eval.guarded"):
+        load(overrides={"eval": {"guarded": {"captioning.cider_d": -0.1}}})
+    with pytest.raises(ConfigError, match="eval.thresholds.retrieval.mean_recall: expected float"):
+        load(overrides={"eval": {"thresholds": {"retrieval.mean_recall": "high"}}})
+    assert load(overrides={"eval": {"max_samples": None}}).eval.max_samples is None
