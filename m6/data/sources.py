@@ -130,8 +130,8 @@ def discover(inputs: list[str], fmt: str | None = None) -> list[Partition]:
         try:
             is_file = storage.exists(inp) and not storage.is_dir(inp)
             files = [inp] if is_file else [u for u in storage.list_uris(inp, recursive=False) if not u.endswith("/")]
-        except storage.StorageError as e:
-            raise UserError(f"input {inp}: cannot be read: {e}") from None
+        except Exception as e:  # StorageError, and S3 refusals (AccessDenied, InvalidAccessKeyId) from minio
+            raise UserError(f"input {inp}: cannot be read: {type(e).__name__}: {e}") from None
         if not files:
             raise UserError(f"input {inp}: does not exist or is empty")
         found = _classify(i, inp, files, fmt, is_file)

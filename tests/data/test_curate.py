@@ -16,6 +16,7 @@ from m6.data.sources import discover
 from m6.data.synth import synthesize
 from m6.data.tokenizer import load_tokenizer
 from m6.data.worker import part_uris, process_partition
+from m6.errors import UserError
 
 
 def _invariant(stats: dict) -> None:
@@ -162,3 +163,15 @@ def test_each_kind_of_injected_dirt_is_dropped_under_its_reason_and_html_is_clea
     got = {r: n for r, n in stats["dropped"].items() if n}
     assert got == expected
     assert stats["modified"]["html_stripped"] >= info["dirt_by_kind"].get("html_caption", 0) > 0
+
+
+def test_unreachable_s3_input_is_a_named_run_level_error(s3_env, monkeypatch, tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("M6_S3_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("M6_S3_RETRIES", "2")
+    with pytest.raises(UserError, match=f"input {s3_env}/raw: cannot be read"):
+        curate([s3_env + "/raw"], str(tmp_path / "out"), small_cfg())
