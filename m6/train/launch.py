@@ -34,8 +34,12 @@ def _pump(stream, rank: int, tail: deque, sink) -> None:
 
 def spawn(cfg: Config, data_uri: str, out_uri: str, *, nproc: int, resume: str | None = None,
           metrics_port: int | None = None, log_sink=None, env: dict[str, str] | None = None,
-          grace_s: float = 30.0) -> list[subprocess.Popen]:
-    """Start ``nproc`` rank processes with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set; returns them."""
+          worker_cmd: list[str] | None = None) -> list[subprocess.Popen]:
+    """Start ``nproc`` rank processes with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set; returns them.
+
+    ``worker_cmd`` replaces ``python -m m6.train.worker`` (the program each rank runs; it gets
+    ``--config --data --out`` arguments), e.g. for a benchmark that swaps a model component.
+    """
     cfg_file = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="m6-train-", delete=False)
     json.dump(cfg.to_dict(), cfg_file)
     cfg_file.close()
@@ -46,7 +50,8 @@ def spawn(cfg: Config, data_uri: str, out_uri: str, *, nproc: int, resume: str |
         e = {**os.environ, **(env or {}), "RANK": str(r), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(r),
              "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
              "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "m6.train.worker", "--config", cfg_file.name, "--data", data_uri, "--out", out_uri]
+        cmd = [*(worker_cmd or [sys.executable, "-m", "m6.train.worker"]), "--config", cfg_file.name, "--data", data_uri,
+               "--out", out_uri]
         if resume:
             cmd += ["--resume", resume]
         if metrics_port is not None:
@@ -105,7 +110,8 @@ def _stop_all(procs: list[subprocess.Popen], grace_s: float) -> None:
 
 
 def train(cfg: Config, data_uri: str, out_uri: str, nproc: int = 1, *, resume: str | None = None,
-          metrics_port: int | None = None, timeout_s: float | None = None, log_sink=None) -> dict[str, Any]:
+          metrics_port: int | None = None, timeout_s: float | None = None, log_sink=None,
+          worker_cmd: list[str] | None = None) -> dict[str, Any]:
     """Train locally with ``nproc`` processes (gloo on the CPU, NCCL on GPUs); returns the run summary.
 
     Raises:
@@ -115,7 +121,8 @@ def train(cfg: Config, data_uri: str, out_uri: str, nproc: int = 1, *, resume: s
         raise UserError("--nproc must be >= 1")
     if not storage.exists(storage.join(data_uri, "manifest.json")):
         raise UserError(f"{data_uri}: no manifest.json; run `m6 curate` first")
-    procs = spawn(cfg, data_uri, out_uri, nproc=nproc, resume=resume, metrics_port=metrics_port, log_sink=log_sink)
+    procs = spawn(cfg, data_uri, out_uri, nproc=nproc, resume=resume, metrics_port=metrics_port, log_sink=log_sink,
+                  worker_cmd=worker_cmd)
     supervise(procs, timeout_s=timeout_s)
     return storage.read_json(storage.join(out_uri, "train_summary.json"))
 

@@ -65,7 +65,9 @@ def build_trainjob(spec: JobSpec) -> dict[str, Any]:
         limits["nvidia.com/gpu"] = str(spec.gpus_per_node)
     trainer: dict[str, Any] = {
         "image": spec.image,
-        "command": ["m6", "train", "--worker"],
+        # torchrun takes --nnodes/--nproc-per-node/--node-rank/--master-* from the PET_* variables
+        # the torch-distributed runtime injects; each process is one rank of `m6 train --worker`.
+        "command": ["torchrun", "-m", "m6", "train", "--worker"],
         "args": list(spec.args),
         "numNodes": spec.num_nodes,
         "numProcPerNode": max(1, spec.gpus_per_node),
