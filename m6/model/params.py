@@ -6,13 +6,13 @@ from m6.config import ModelConfig
 
 
 def _patch_encoder_params(cfg: ModelConfig) -> int:
-    # Mirrors m6.model.m6.PatchEncoder: two 3x3 convs (the first strided when the patch side is even)
-    # and a patchifying conv to d_model.
+    # Mirrors m6.model.m6.PatchEncoder: two 3x3 convs (the first strided when the patch side is even),
+    # a patchifying conv to d_model and the global-token projection.
     D, p = cfg.d_model, cfg.patch_size
     c = max(16, min(64, D // 2))
     stride = 2 if p % 2 == 0 else 1
     k = p // stride
-    return (3 * c * 9 + c) + (c * c * 9 + c) + (c * D * k * k + D)
+    return (3 * c * 9 + c) + (c * c * 9 + c) + (c * D * k * k + D) + (c * D + D)
 
 
 def _block_params(cfg: ModelConfig, moe: bool) -> tuple[int, int, int]:
@@ -36,8 +36,8 @@ def count_params(cfg: ModelConfig) -> dict:
         total minus the experts it is not routed to. ``expert``: parameters in
         experts. ``train_flops_per_token``: 6·(matmul parameters applied per token
         over the full depth, LM head included) + 6·n_layers·ctx·d for attention
-        scores (Kaplan et al., arXiv 2001.08361, Table 1), with ctx = image patches
-        + max_text_len; shared layers count once per use.
+        scores (Kaplan et al., arXiv 2001.08361, Table 1), with ctx = image tokens
+        (patches + the global token) + max_text_len; shared layers count once per use.
     """
     D = cfg.d_model
     period = cfg.moe_every if cfg.moe_every > 0 else 1
@@ -48,7 +48,7 @@ def count_params(cfg: ModelConfig) -> dict:
         blocks_total += tot
         blocks_expert += exp
         blocks_inactive += exp - per_tok
-    embed = cfg.vocab_size * D + cfg.max_text_len * D + 3 * D + cfg.num_patches * D
+    embed = cfg.vocab_size * D + cfg.max_text_len * D + 3 * D + (cfg.num_patches + 1) * D
     pools = 2 * (4 * D * D + 7 * D)  # image and text attention pooling: query, MHA, LayerNorm
     heads = pools + 2 * D * cfg.contrastive_dim + 1
     total = _patch_encoder_params(cfg) + embed + blocks_total + 2 * D + heads
@@ -60,7 +60,7 @@ def count_params(cfg: ModelConfig) -> dict:
             matmul_per_token += cfg.num_experts * D + cfg.top_k * cfg.num_prototypes * 2 * D * cfg.expert_d_ff
         else:
             matmul_per_token += 2 * D * cfg.d_ff
-    ctx = cfg.num_patches + cfg.max_text_len
+    ctx = cfg.num_patches + 1 + cfg.max_text_len
     flops = 6 * matmul_per_token + 6 * cfg.n_layers * ctx * D
     return {
         "total": total,
