@@ -56,6 +56,9 @@ def expert_heatmap(moe: list[dict]) -> str:
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     ax.set_yticks(range(len(moe)), [str(lay["layer"]) for lay in moe])
+    if shares.shape[1] <= 16:  # few experts: print each share in its cell
+        for (li, e), v in np.ndenumerate(shares):
+            ax.text(e, li, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < shares.max() / 2 else "k")
     fig.colorbar(im, ax=ax, label="share of routed tokens (uniform = 1/E)")
     return _png(fig)
 
