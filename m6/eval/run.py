@@ -72,7 +72,12 @@ def load_checkpoint(model_uri: str):
         from m6.train.checkpoint import load_model
     except ImportError as e:  # an install without the training area
         raise UserError(f"cannot load {model_uri}: the training package is not available ({e})") from None
-    return load_model(model_uri)
+    try:
+        return load_model(model_uri)
+    except RuntimeError as e:  # torch's load_state_dict: weights of another model version
+        first = str(e).strip().splitlines()
+        raise UserError(f"{model_uri}: the checkpoint's weights do not fit this version of the model "
+                        f"({first[-1].strip() if first else e})") from None
 
 
 def _run_metrics(model_uri: str) -> list[dict]:

@@ -81,3 +81,19 @@ def test_gate_reevaluates_a_champion_measured_on_other_data(trained_run, eval_da
     g2 = evaluate(trained_run, eval_data, str(tmp_path / "cand2"), cfg=cfg, gate=True,
                   champion_uri=str(tmp_path / "stale"))["gate"]
     assert "not available" in g2["champion_eval"] and g2["comparable"] is False
+
+
+def test_weights_of_another_model_version_fail_with_one_clear_line(trained_run, eval_data, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load, save
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (ckpt,) = (run / "checkpoints").glob("step-*")
+    state = load((ckpt / "model.safetensors").read_bytes())
+    state["img_pos"] = state["img_pos"][:, :-1].contiguous()  # one position fewer than this model has
+    (ckpt / "model.safetensors").write_bytes(save(state))
+    rc = main(["eval", "--model", str(run), "--data", eval_data, "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "do not fit this version of the model" in err and "img_pos" in err
