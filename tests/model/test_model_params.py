@@ -37,3 +37,18 @@ def test_sharing_stores_one_block_per_period_and_moe_counts_active_experts_only(
     top2 = dataclasses.replace(cfg, top_k=2)
     per_expert = 2 * cfg.d_model * cfg.expert_d_ff
     assert count_params(top2)["active"] - count_params(cfg)["active"] == per_expert
+
+
+def test_model_package_imports_nothing_from_other_stages_or_heavy_libraries():
+    import ast
+    from pathlib import Path
+
+    import m6.model
+
+    forbidden = ("m6.train", "m6.data", "m6.serve", "m6.eval", "m6.energy", "kfp", "deepspeed")
+    for path in Path(m6.model.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for n in names:
+                assert not n.startswith(forbidden), f"{path.name} imports {n}"
