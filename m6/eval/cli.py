@@ -12,7 +12,7 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, help="curated dataset (URI with manifest.json)")
     p.add_argument("--out", required=True, help="where eval.json, metrics.json and report.html go (URI)")
     p.add_argument("--split", choices=("test", "val", "all"), default=None, help="default: the config's eval.split (test)")
-    p.add_argument("--config", default=None, help="JSON/YAML config file whose 'eval' block overrides the checkpoint's")
+    p.add_argument("--config", default=None, help="JSON/YAML config file; the keys of its 'eval' block override the checkpoint's")
     p.add_argument("--max-samples", type=int, default=None, help="cap on samples of the split")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--gate", action="store_true", help="decide promote/hold against thresholds and the champion")
@@ -26,13 +26,29 @@ def _eval_config(args: argparse.Namespace, loaded):
 
     base = getattr(loaded[1], "eval", None) or EvalConfig()
     if args.config:
-        base = load(args.config, preset_name=getattr(loaded[1], "preset", None) or "tiny").eval
+        # the whole file is validated; only the keys its eval block sets override the checkpoint's
+        load(args.config, preset_name=getattr(loaded[1], "preset", None) or "tiny")
+        base = from_dict(EvalConfig, _eval_block(args.config), "eval", base=base)
     overrides = {}
     if args.max_samples is not None:
         overrides["max_samples"] = args.max_samples
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
     return from_dict(EvalConfig, overrides, "eval", base=base)
+
+
+def _eval_block(path: str) -> dict:
+    import json
+    from pathlib import Path
+
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    return dict(data.get("eval") or {})
 
 
 def _run(args: argparse.Namespace) -> int:
