@@ -76,10 +76,13 @@ def _weights_mm(a_NK: torch.Tensor, b_NM: torch.Tensor, counts: list[int], offs,
     E = len(counts)
     if grouped and a_NK.shape[0] > 0:
         return torch._grouped_mm(a_NK.t(), b_NM, offs=offs)
-    out = a_NK.new_zeros(E, a_NK.shape[1], b_NM.shape[1])
+    # new_empty, not new_zeros: zero-filling E×K×M before overwriting it cost ~3% of the layer.
+    out = a_NK.new_empty(E, a_NK.shape[1], b_NM.shape[1])
     for a, b, o, n in zip(a_NK.split(counts), b_NM.split(counts), out.unbind(0), counts):
         if n:
             torch.mm(a.t(), b, out=o)
+        else:
+            o.zero_()
     return out
 
 

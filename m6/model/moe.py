@@ -207,7 +207,11 @@ class MoE(nn.Module):
             y_ND = self._expert_parallel(x_ND, kept_E)
 
         y_ND = y_ND * weight_A[order_A].unsqueeze(1).to(y_ND.dtype)
-        y_TD = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND.to(x_TD.dtype))
+        if K == 1 and dropped == 0:
+            # every token has exactly one row: a permutation back, no zero-fill and no accumulation
+            y_TD = torch.empty_like(x_TD).index_copy_(0, token_N, y_ND.to(x_TD.dtype))
+        else:
+            y_TD = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND.to(x_TD.dtype))
 
         with torch.no_grad():
             c = counts_E.float()
