@@ -6,6 +6,7 @@ import argparse
 
 
 def register(subparsers) -> None:
+    """Add ``m6 eval`` to the command's subparsers."""
     p = subparsers.add_parser("eval", help="evaluate a model on a held-out split (retrieval, captioning, LM, MoE health)",
                               description=__doc__)
     p.add_argument("--model", required=True, help="training run, checkpoints root or one checkpoint (URI)")

@@ -45,6 +45,7 @@ class EvalSet:
         return rel
 
     def add_pair(self, key: str, image: bytes, captions: list[str], _by_hash: dict) -> None:
+        """Add an image with its captions; identical image bytes merge into one image with all their captions."""
         h = hashlib.sha1(image).hexdigest()
         if h not in _by_hash:
             _by_hash[h] = len(self.images)
@@ -57,6 +58,7 @@ class EvalSet:
                 refs.append(c)
 
     def finish(self) -> None:
+        """Fix the distinct caption list (the text queries) once every image is in."""
         seen: dict[str, None] = {}
         for refs in self.references:
             for r in refs:

@@ -29,6 +29,7 @@ def flat_metrics(doc: dict) -> dict[str, float]:
 
 
 def lower_is_better(name: str, cfg: EvalConfig) -> bool:
+    """True for metrics (by name suffix, e.g. perplexity) where a smaller value is better."""
     return any(name.endswith(s) for s in cfg.lower_is_better)
 
 
