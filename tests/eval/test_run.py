@@ -199,3 +199,20 @@ def test_beam_search_captions_are_scored_too(trained, eval_data, tmp_path):
     assert beam["config"]["caption_method"] == "beam"
     assert beam["captioning"]["images"] == greedy["captioning"]["images"] > 0
     assert all(ex["prediction"] for ex in beam["examples"]["captions"])
+
+
+def test_text_only_dataset_gets_perplexity_and_a_held_gate(random_model, tmp_path):
+    from m6.data.shards import SCHEMA, ShardWriter
+
+    w = ShardWriter(str(tmp_path / "ds"), max_samples=100, max_bytes=1 << 20)
+    for i in range(6):
+        w.write({"__key__": f"t{i}", "txt": f"a plain red circle number {i} on a white background",
+                 "json": {"kind": "text", "split": "test"}})
+    storage.write_json(str(tmp_path / "ds" / "manifest.json"),
+                       {"schema": SCHEMA, "shards": w.close(), "num_samples": 6,
+                        "split": {"method": "test", "val_fraction": 0.0, "test_fraction": 1.0}})
+    doc = evaluate("random", str(tmp_path / "ds"), str(tmp_path / "out"), loaded=random_model, gate=True)
+    assert set(doc["metrics"]) >= {"lm.text.perplexity"} and "retrieval" not in doc and "captioning" not in doc
+    assert doc["lm"]["text"]["samples"] == 6
+    assert doc["gate"]["decision"] == "hold" and "missing" in doc["gate"]["reason"]
+    assert storage.exists(str(tmp_path / "out" / "report.html"))
