@@ -171,16 +171,17 @@ class MoE(nn.Module):
         return y.view(shape), aux
 
     def _forward_tokens(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer on a flat ``[T, D]`` block of tokens."""
         T = x_TD.shape[0]
         E = self.cfg.num_experts
-        x = x_TD
+        dev = x_TD.device
         r = self.router(x_TD)
         K = r.expert_TK.shape[1]
 
         # Flatten assignments choice-major (all first choices, then second, ...) so that under a
         # capacity limit a token's first choice wins over other tokens' second choices (GShard, Alg. 1).
         expert_A = r.expert_TK.t().reshape(-1)
-        token_A = torch.arange(T, device=x.device).repeat(K)
+        token_A = torch.arange(T, device=dev).repeat(K)
         weight_A = r.weight_TK.t().reshape(-1)
         order_A = torch.argsort(expert_A, stable=True)
         counts_E = torch.bincount(expert_A, minlength=E)
@@ -191,7 +192,7 @@ class MoE(nn.Module):
             # expert's run; those at or beyond capacity are removed before any gather.
             start_E = counts_E.cumsum(0) - counts_E
             sorted_expert = expert_A[order_A]
-            pos = torch.arange(order_A.numel(), device=x.device) - start_E[sorted_expert]
+            pos = torch.arange(order_A.numel(), device=dev) - start_E[sorted_expert]
             keep = pos < cap
             dropped = int((~keep).sum())
             order_A = order_A[keep]
