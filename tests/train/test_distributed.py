@@ -22,7 +22,8 @@ def _assert_learns(out, steps: int) -> None:
     losses = step_losses(out)
     early, late = range(1, steps // 3 + 1), range(steps - steps // 3 + 1, steps + 1)
     compared = 0
-    for obj in ("text", "caption", "mm", "contrastive"):
+    # Generative objectives only: InfoNCE over a micro-batch of 4 sits near ln 4 for many steps.
+    for obj in ("text", "caption", "mm"):
         try:
             a, b = window_mean(losses, early, obj), window_mean(losses, late, obj)
         except AssertionError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -86,3 +87,16 @@ def test_killed_runs_resume_from_complete_checkpoints_with_identical_losses(corp
         for obj, v in expected[step].items():
             assert got[step][obj] == pytest.approx(v, rel=1e-5, abs=1e-6), f"step {step} {obj}"
     assert not partial.exists() or (partial / "COMPLETE").exists(), "the abandoned partial write was replaced"
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_exits_cleanly(corpus, tmp_path):
+    out = tmp_path / "pre"
+    procs = spawn(_cfg(), corpus, str(out), nproc=2, log_sink=open(tmp_path / "p.log", "w"))
+    _wait(lambda: latest_complete(str(out / "checkpoints")) is not None, procs)
+    for p in procs:  # what a Kubernetes eviction does to every pod of the job
+        os.kill(p.pid, signal.SIGTERM)
+    supervise(procs)
+    s = json.loads((out / "train_summary.json").read_text())
+    assert s["stopped_early"] and s["steps"] < STEPS
+    assert s["checkpoint"] == latest_complete(str(out / "checkpoints"))
+    assert s["checkpoint"].endswith(f"step-{s['steps']:08d}")
