@@ -193,4 +193,5 @@ def load_model(uri: str) -> tuple[Any, Any, Any, dict]:
 
 
 def read_meta(ckpt: str) -> dict[str, Any]:
+    """A checkpoint's ``m6.json`` (config, step, tokens seen, data position, seeds)."""
     return json.loads(storage.read_text(storage.join(ckpt, "m6.json")))

@@ -92,8 +92,7 @@ def run(cfg: Config, data_uri: str, out_uri: str, *, resume: str | None = None, 
     if resume == "auto":
         found = ckpt_mod.latest_complete(root)
         if found:
-            if json.loads(storage.read_text(storage.join(found, "m6.json")))["config"]["model"]["share_layers"] is False \
-                    and model.cfg.share_layers:
+            if not ckpt_mod.read_meta(found)["config"]["model"]["share_layers"] and model.cfg.share_layers:
                 model.delink()  # the checkpoint was written after the Pseudo-to-Real switch
                 engine, _, sched = build_engine(model, cfg, world_size=world, on_gpu=on_gpu, ep_size=ep)
             start_step, tokens_seen, rng = _restore(found, rank, engine, sched, batches, world)
