@@ -49,7 +49,7 @@ def count_params(cfg: ModelConfig) -> dict:
         blocks_expert += exp
         blocks_inactive += exp - per_tok
     embed = cfg.vocab_size * D + cfg.max_text_len * D + 3 * D + (cfg.num_patches + 1) * D
-    pools = 2 * (4 * D * D + 7 * D)  # image and text attention pooling: query, MHA, LayerNorm
+    pools = 2 * (4 * D * D + 7 * D) + 2 * D  # image/text attention pooling (query, MHA, LN); image skip LN
     heads = pools + 2 * D * cfg.contrastive_dim + 1
     total = _patch_encoder_params(cfg) + embed + blocks_total + 2 * D + heads
 
