@@ -140,6 +140,9 @@ class M6Model(nn.Module):
             raise ValueError(f"batch['text'] must be int64 [B, T], got {text.dtype} {list(text.shape)}")
         if text.shape[1] > self.cfg.max_text_len:
             raise ValueError(f"batch['text'] has T={text.shape[1]} > model.max_text_len={self.cfg.max_text_len}")
+        empty = ((text != PAD_ID).sum(1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"batch['text'] rows {empty[:10]} are all padding; every row needs at least <s>")
 
     def _check_image(self, image: torch.Tensor | None, objective: str) -> torch.Tensor:
         S = self.cfg.image_size

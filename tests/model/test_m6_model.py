@@ -179,6 +179,8 @@ def test_bad_inputs_name_what_is_wrong():
         model({"text": torch.ones(2, 40, dtype=torch.int64)}, "text")
     with pytest.raises(ValueError, match="needs an image, a prefix"):
         model.generate()
+    with pytest.raises(ValueError, match=r"rows \[1\] are all padding"):
+        model.embed_text(torch.tensor([[BOS_ID, 7, EOS_ID], [PAD_ID, PAD_ID, PAD_ID]]))
 
 
 def test_tiny_model_overfits_a_few_image_caption_pairs_and_retrieves_them():
