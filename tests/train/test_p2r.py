@@ -44,3 +44,9 @@ def test_delink_mid_run_continues_from_the_pseudo_model_without_a_loss_jump(corp
     model, cfg, _, meta = load_model(str(p2r))
     assert cfg.model.share_layers is False and len(model.encoder.blocks) == 4
     assert json.loads((p2r / "checkpoints" / "step-00000016" / "m6.json").read_text())["config"]["model"]["n_layers"] == 4
+    # A run resumed after the switch rebuilds the real model before loading its checkpoint.
+    cfg = _cfg(p2r_delink_step=DELINK)
+    cfg.train = dataclasses.replace(cfg.train, steps=20)
+    s = train(cfg, corpus, str(p2r), nproc=2, resume="auto", log_sink=open(tmp_path / "c.log", "w"))
+    assert s["start_step"] == 16 and s["steps"] == 20
+    assert all(v == v for step in range(17, 21) for v in step_losses(p2r)[step].values())
