@@ -150,6 +150,9 @@ class M6Model(nn.Module):
             raise ValueError(f"objective {objective!r} needs batch['image'] ([B,3,{S},{S}])")
         if image.dim() != 4 or tuple(image.shape[1:]) != (3, S, S):
             raise ValueError(f"batch['image'] must be [B,3,{S},{S}], got {list(image.shape)}")
+        bad = (~torch.isfinite(image).flatten(1).all(1)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"batch['image'] rows {bad[:10]} contain NaN or infinite values")
         return image.float()
 
     def _text_embed(self, ids_BT: torch.Tensor, segment: int, offset: int = 0) -> torch.Tensor:

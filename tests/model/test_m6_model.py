@@ -179,6 +179,10 @@ def test_bad_inputs_name_what_is_wrong():
         model({"text": torch.ones(2, 40, dtype=torch.int64)}, "text")
     with pytest.raises(ValueError, match="needs an image, a prefix"):
         model.generate()
+    nan_image = b["image"].clone()
+    nan_image[2, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"rows \[2\] contain NaN"):
+        model({"text": b["text"], "image": nan_image}, "caption")
     with pytest.raises(ValueError, match=r"rows \[1\] are all padding"):
         model.embed_text(torch.tensor([[BOS_ID, 7, EOS_ID], [PAD_ID, PAD_ID, PAD_ID]]))
 
