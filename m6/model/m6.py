@@ -85,7 +85,17 @@ class AttentionPool(nn.Module):
 
 
 class M6Model(nn.Module):
-    """Unified multimodal MoE transformer; see the module docstring and ``forward``."""
+    """Unified multimodal MoE transformer; see the module docstring and ``forward``.
+
+    Sequence layout: ``[image: 1 global + num_patches tokens][source text][target text]``,
+    each part with its own learned positions and a segment embedding. Contrastive
+    embeddings come from attention pooling over an image-only or text-only pass.
+
+    Args:
+        cfg: model shape.
+        ep_group: process group for expert parallelism (each MoE layer then holds
+            ``num_experts / group size`` experts); None keeps all experts local.
+    """
 
     def __init__(self, cfg: ModelConfig, ep_group=None):
         super().__init__()
