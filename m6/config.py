@@ -136,6 +136,11 @@ class ModelConfig:
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
+    @property
+    def num_image_tokens(self) -> int:
+        """Positions an image takes in the sequence: one global token plus the patches."""
+        return self.num_patches + 1
+
 
 # --------------------------------------------------------------------------- data
 

@@ -102,7 +102,7 @@ class M6Model(nn.Module):
         self.cfg = cfg
         D = cfg.d_model
         self.patch = PatchEncoder(cfg)
-        self.img_pos = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, D))
+        self.img_pos = nn.Parameter(torch.zeros(1, cfg.num_image_tokens, D))
         self.tok = nn.Embedding(cfg.vocab_size, D)
         self.txt_pos = nn.Embedding(cfg.max_text_len, D)
         self.seg = nn.Embedding(3, D)

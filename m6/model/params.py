@@ -48,7 +48,7 @@ def count_params(cfg: ModelConfig) -> dict:
         blocks_total += tot
         blocks_expert += exp
         blocks_inactive += exp - per_tok
-    embed = cfg.vocab_size * D + cfg.max_text_len * D + 3 * D + (cfg.num_patches + 1) * D
+    embed = cfg.vocab_size * D + cfg.max_text_len * D + 3 * D + cfg.num_image_tokens * D
     pools = 2 * (4 * D * D + 7 * D) + 2 * D  # image/text attention pooling (query, MHA, LN); image skip LN
     heads = pools + 2 * D * cfg.contrastive_dim + 1
     total = _patch_encoder_params(cfg) + embed + blocks_total + 2 * D + heads
@@ -60,7 +60,7 @@ def count_params(cfg: ModelConfig) -> dict:
             matmul_per_token += cfg.num_experts * D + cfg.top_k * cfg.num_prototypes * 2 * D * cfg.expert_d_ff
         else:
             matmul_per_token += 2 * D * cfg.d_ff
-    ctx = cfg.num_patches + 1 + cfg.max_text_len
+    ctx = cfg.num_image_tokens + cfg.max_text_len
     flops = 6 * matmul_per_token + 6 * cfg.n_layers * ctx * D
     return {
         "total": total,
