@@ -211,7 +211,9 @@ def _save(root, step, tokens_seen, rank, engine, sched, batches, cfg, tok_json, 
     cfg_now = dataclasses.replace(cfg, model=model.cfg)
     meta = {"config": cfg_now.to_dict(), "step": step, "tokens_seen": tokens_seen, "world_size": world,
             "ep_size": cfg.train.ep_size, "zero_stage": cfg.train.zero_stage, "seed": cfg.train.seed,
-            "data_position": {"rank0": batches.state()["stream"] | {"buffer": len(batches.stream.buffer)}}}
+            "data_position": {"rank0": {"epoch": batches.stream.epoch, "shard_cursor": batches.stream.cursor,
+                                        "shard_offset": batches.stream.offset, "buffered": len(batches.stream.buffer),
+                                        "samples": batches.stream.counts["samples"]}}}
     ckpt_mod.save(d, rank=rank, rank_state=rank_state, model_state=full if rank == 0 else None, meta=meta,
                   tokenizer_json=tok_json)
     dist.barrier()
