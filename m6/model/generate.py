@@ -66,7 +66,8 @@ def _prefix_ids(prefix, max_len: int, device) -> torch.Tensor:
     from m6.model.m6 import _pad
 
     rows = prefix.tolist() if isinstance(prefix, torch.Tensor) else [list(r) for r in prefix]
-    rows = [[BOS_ID] + [int(t) for t in r if t != PAD_ID][: max_len - 1] for r in rows]
+    # tolerate prefixes that carry their own specials (<s>, </s>, padding): the source is rebuilt here
+    rows = [[BOS_ID] + [int(t) for t in r if int(t) not in (PAD_ID, BOS_ID, EOS_ID)][: max_len - 1] for r in rows]
     return _pad(rows, device)
 
 

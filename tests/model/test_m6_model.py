@@ -148,6 +148,8 @@ def test_kv_cache_generation_equals_full_recomputation(method):
     b = make_batch(B=2)
     kw = dict(image=b["image"], prefix=[[9, 10, 11], [12]], max_new_tokens=8, method=method, num_beams=3)
     assert model.generate(**kw, use_cache=True) == model.generate(**kw, use_cache=False)
+    padded = torch.tensor([[BOS_ID, 9, 10, 11, EOS_ID], [BOS_ID, 12, EOS_ID, PAD_ID, PAD_ID]])
+    assert model.generate(**{**kw, "prefix": padded}) == model.generate(**kw), "specials in a prefix are ignored"
     cached = Decoder(model.eval(), b["image"], None, BOS_ID, 2, use_cache=True)
     full = Decoder(model, b["image"], None, BOS_ID, 2, use_cache=False)
     with torch.no_grad():
