@@ -118,9 +118,6 @@ def deepspeed_config(train: TrainConfig, *, world_size: int, on_gpu: bool, n_lay
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": False},
     }
-    if train.activation_checkpointing:
-        cfg["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False,
-                                           "cpu_checkpointing": False}
     return cfg
 
 

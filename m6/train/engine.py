@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import types
 from typing import Any
 
 import torch
@@ -103,6 +104,34 @@ def layer_of(name: str) -> int | None:
     return None
 
 
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each transformer block in the backward pass instead of keeping its activations.
+
+    Non-reentrant ``torch.utils.checkpoint`` restores the RNG state for the recompute, and every
+    rank recomputes its blocks in the same order, so the MoE all-to-alls inside a block match up
+    across the expert-parallel group again. Returns the number of blocks wrapped.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    from m6.model.transformer import Block
+
+    n = 0
+    for blk in model.modules():
+        if isinstance(blk, Block):
+            # Always wrap the class's forward bound to this block: a block deep-copied by delinking
+            # carries its source's wrapper, which must not keep running the source's weights.
+            inner = types.MethodType(type(blk).forward, blk)
+
+            def forward(x, mask, cache=None, layer=0, token_valid=None, _inner=inner):
+                if cache is not None or not torch.is_grad_enabled():  # generation keeps its KV cache path
+                    return _inner(x, mask, cache, layer, token_valid)
+                return checkpoint(_inner, x, mask, None, layer, token_valid, use_reentrant=False)
+
+            blk.forward = forward
+            n += 1
+    return n
+
+
 def build_engine(model: nn.Module, cfg: Config, *, world_size: int, on_gpu: bool, ep_size: int) -> tuple[Any, Any, Any]:
     """``(engine, optimizer, scheduler)`` for ``model`` as the config asks.
 
@@ -127,6 +156,7 @@ def build_engine(model: nn.Module, cfg: Config, *, world_size: int, on_gpu: bool
                 owner = model.get_submodule(owner_name) if owner_name else model
                 owner.register_parameter(leaf, nn.Parameter(p.detach().reshape(1).clone()))
                 SCALAR_PARAMS.add(name)
+    checkpointed = enable_activation_checkpointing(model) if t.activation_checkpointing else 0
     markers = moe_markers(model, ep_size) if t.zero_stage < 3 else []
     module = TrainModule(model, markers)
     groups = param_groups(model, t.weight_decay, offload)
@@ -167,6 +197,7 @@ def build_engine(model: nn.Module, cfg: Config, *, world_size: int, on_gpu: bool
     finally:
         for p in scalars:
             del p.ds_optim_param
+    engine.m6_checkpointed_blocks = checkpointed
     return engine, opt, sched
 
 

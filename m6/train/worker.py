@@ -191,6 +191,7 @@ def run(cfg: Config, data_uri: str, out_uri: str, *, resume: str | None = None, 
         "data_counts": dict(batches.counts),
         "offload_placement": (engine.optimizer.placement() if hasattr(engine.optimizer, "placement") else None),
         "offloaded_layers": sorted(getattr(engine.optimizer, "offload_layers", [])),
+        "activation_checkpointed_blocks": engine.m6_checkpointed_blocks,
     }
     if rank == 0:
         storage.write_json(storage.join(out_uri, "train_summary.json"), summary)

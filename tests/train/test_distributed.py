@@ -130,3 +130,16 @@ def test_train_command_prints_the_summary_as_json(corpus, tmp_path, capsys):
     assert s["checkpoint"].endswith("step-00000004") and s["energy"] is None
     assert main(["train", "--preset", "tiny", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_activation_checkpointing_recomputes_blocks_without_changing_the_losses(corpus, tmp_path):
+    runs = {}
+    for ac in (False, True):
+        cfg = tiny(steps=6, ep_size=2, zero_stage=2, log_every=3, save_every=6, activation_checkpointing=ac)
+        s = train(cfg, corpus, str(tmp_path / f"ac{ac}"), nproc=2, log_sink=open(tmp_path / f"ac{ac}.log", "w"))
+        assert s["activation_checkpointed_blocks"] == (2 if ac else 0)
+        runs[ac] = step_losses(tmp_path / f"ac{ac}")
+    assert sorted(runs[True]) == list(range(1, 7))
+    for step, row in runs[False].items():
+        for obj, v in row.items():
+            assert runs[True][step][obj] == pytest.approx(v, rel=1e-4), f"step {step} {obj}"
