@@ -66,6 +66,11 @@ def resolve_precision(train: TrainConfig, on_gpu: bool) -> str:
     return train.precision
 
 
+def trainer_clips(train: TrainConfig, on_gpu: bool) -> bool:
+    """True when the trainer, not DeepSpeed, clips gradients (fp32 without ZeRO)."""
+    return train.zero_stage == 0 and resolve_precision(train, on_gpu) == "fp32"
+
+
 def deepspeed_config(train: TrainConfig, *, world_size: int, on_gpu: bool, n_layers: int) -> dict[str, Any]:
     """The DeepSpeed JSON for one run; never kept by hand.
 
@@ -96,6 +101,9 @@ def deepspeed_config(train: TrainConfig, *, world_size: int, on_gpu: bool, n_lay
                           "(DeepSpeed cannot reduce a parameter used twice in one step); set its weight to 0 "
                           "or use train.zero_stage <= 2")
     precision = resolve_precision(train, on_gpu)
+    if offload.mode == "granular" and precision != "fp32":
+        # DeepSpeed's bf16 optimizer flattens the parameters it hands to the client optimizer.
+        raise ConfigError("train.offload: granular offload runs in fp32; set train.precision to fp32")
     zero: dict[str, Any] = {"stage": train.zero_stage}
     if train.zero_stage >= 1:
         zero.update(contiguous_gradients=True, overlap_comm=on_gpu, reduce_scatter=True,
@@ -108,9 +116,9 @@ def deepspeed_config(train: TrainConfig, *, world_size: int, on_gpu: bool, n_lay
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,
         "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
-        # Without ZeRO the trainer clips itself (m6.train.engine.clip_gradients): DeepSpeed's stage-0
-        # clipping breaks on 0-dim parameters and is not expert-parallel aware.
-        "gradient_clipping": train.grad_clip if train.zero_stage >= 1 else 0.0,
+        # In fp32 without ZeRO the trainer clips itself (m6.train.engine.clip_gradients): DeepSpeed's
+        # fp32 stage-0 clipping breaks on 0-dim parameters and is not expert-parallel aware.
+        "gradient_clipping": 0.0 if trainer_clips(train, on_gpu) else train.grad_clip,
         "zero_optimization": zero,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

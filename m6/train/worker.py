@@ -16,6 +16,7 @@ from m6 import storage
 from m6.config import Config
 from m6.errors import UserError
 from m6.train import checkpoint as ckpt_mod
+from m6.train.dsconfig import resolve_precision, trainer_clips
 from m6.train.metrics import TrainMetrics
 
 log = logging.getLogger("m6.train")
@@ -122,6 +123,8 @@ def run(cfg: Config, data_uri: str, out_uri: str, *, resume: str | None = None, 
 
     first_loss, last_rec, last_ckpt, step, last_norm = None, None, resumed_from, start_step, float("nan")
     losses_by_step: list[dict] = []
+    own_clip = trainer_clips(t, on_gpu)
+    act_dtype = torch.bfloat16 if resolve_precision(t, on_gpu) == "bf16" else torch.float32
     if rng is not None:  # last, so nothing during set-up draws from the restored generators
         ckpt_mod.set_rng_state(rng)
     t0 = time.monotonic()
@@ -136,10 +139,10 @@ def run(cfg: Config, data_uri: str, out_uri: str, *, resume: str | None = None, 
         step_losses: dict[str, float] = {}
         for micro in range(t.grad_accum):
             objective, batch = batches.batch(step * t.grad_accum + micro)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device, dtype=act_dtype if v.is_floating_point() else None) for k, v in batch.items()}
             out = engine(batch, objective)
             engine.backward(out["loss"])
-            if t.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
+            if own_clip and engine.is_gradient_accumulation_boundary():
                 last_norm = clip_gradients(engine.module.model, t.grad_clip, ep_group if ep > 1 else None)
             engine.step()
             loss = float(out["loss"].detach())
@@ -156,7 +159,7 @@ def run(cfg: Config, data_uri: str, out_uri: str, *, resume: str | None = None, 
         last = step + 1 == t.steps
         stop = preempt.agreed(device)
         if (step + 1) % t.log_every == 0 or last or stop:
-            gn = last_norm if t.zero_stage == 0 else grad_norm(engine)
+            gn = last_norm if own_clip else grad_norm(engine)
             last_rec = metrics.flush(step, lr=sched.get_last_lr()[0], grad_norm=gn,
                                      moe=engine.module.model.moe_stats(), device=device)
             metrics.write()

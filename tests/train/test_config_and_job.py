@@ -88,3 +88,14 @@ def test_train_submit_dry_run_prints_a_valid_trainjob(capsys, tmp_path):
     validate_trainjob(obj)
     args = obj["spec"]["trainer"]["args"]
     assert args[args.index("--resume") + 1] == "auto" and "s3://b/runs/r1" in args
+
+
+def test_granular_offload_needs_fp32_and_the_trainer_clips_only_fp32_without_zero():
+    from m6.train.dsconfig import trainer_clips
+
+    with pytest.raises(ConfigError, match="granular offload runs in fp32"):
+        deepspeed_config(TrainConfig(offload="granular:0.5"), world_size=1, on_gpu=True, n_layers=2)
+    assert trainer_clips(TrainConfig(zero_stage=0), on_gpu=False)
+    assert not trainer_clips(TrainConfig(zero_stage=0), on_gpu=True)  # bf16: DeepSpeed's bf16 optimizer clips
+    ds = deepspeed_config(TrainConfig(zero_stage=0, grad_clip=0.7), world_size=1, on_gpu=True, n_layers=2)
+    assert ds["gradient_clipping"] == 0.7
