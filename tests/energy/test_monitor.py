@@ -53,8 +53,12 @@ def test_per_step_figures_add_up_to_the_window_total(rapl):
     assert all(g["t1_s"] - g["t0_s"] >= 0.1 for g in doc["steps"][:-1]) and len(doc["steps"]) < 40
     t0, t1 = mon.t0_s + train["t0_s"], mon.t0_s + train["t1_s"]
     truth = nv.gpus[0].profile.energy_j(t1) - nv.gpus[0].profile.energy_j(t0) + rapl.counted_energy_j(t0, t1)
-    # Update moments of the 100-ms counter are placed within ~1/8 period, so a ~1-s window is good to ~2 %.
-    assert train["energy_j"] == pytest.approx(truth, rel=0.02)
+    # The counter moves every 100 ms while the draw changes every 50 ms, so each window edge is known only to
+    # the draw's swing over a quarter refresh (linear interpolation) plus the peak draw over the ~1/8 refresh
+    # within which the monitor dates an update: about 8 J per edge here, ~5 % of a ~1-s window.
+    gpu = nv.gpus[0]
+    edge_j = gpu.profile.swing_w * gpu.refresh_s / 4 + (gpu.profile.base_w + gpu.profile.swing_w) * gpu.refresh_s / 8
+    assert abs(train["energy_j"] - truth) <= 2 * edge_j
 
 
 def test_nested_windows_attribute_energy_to_the_innermost_and_stages_partition_the_run(rapl):
