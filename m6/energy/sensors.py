@@ -234,6 +234,10 @@ class CpuTimeEstimate(Sensor):
             except psutil.Error:
                 self._children = []
             self._children_t = t_s
+            # A descendant gone from the listing was waited for (a zombie is still listed): its time is now
+            # in the kernel's children times, so its last live reading must go or it would count twice.
+            live = {c.pid for c in self._children}
+            self._child_cpu_s = {pid: cpu for pid, cpu in self._child_cpu_s.items() if pid in live}
         for c in list(self._children):
             try:
                 ct = c.cpu_times()

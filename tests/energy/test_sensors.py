@@ -165,6 +165,24 @@ def test_cpu_estimate_counts_a_child_process_that_lives_and_exits_between_scans(
     assert est.read(time.monotonic()) >= 0.4 * est.w_per_thread
 
 
+def test_cpu_estimate_counts_a_child_seen_alive_once_after_it_is_waited_for(monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(CpuTimeEstimate, "_CHILDREN_REFRESH_S", 0.05)
+    est = CpuTimeEstimate(tdp_w=None, model="Mystery CPU")
+    before = est.cpu_seconds()
+    burn = "import time\nt=time.process_time()\nwhile time.process_time()-t<0.6: pass"
+    children = [subprocess.Popen([sys.executable, "-c", burn]) for _ in range(2)]
+    while any(c.poll() is None for c in children):  # scanned alive, then reaped by poll()
+        est.read(time.monotonic())
+        time.sleep(0.05)
+    est.read(time.monotonic())
+    # 2 × 0.6 s of burn plus interpreter start-up; counting a reaped child's last live reading on top of
+    # the kernel's children times would give about twice that.
+    assert 1.2 <= est.cpu_seconds() - before <= 1.9
+
+
 def test_gpu_without_nvml_is_charged_its_board_power_as_an_estimate():
     from m6.energy.sensors import GpuBoardPowerEstimate
 
