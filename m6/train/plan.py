@@ -136,9 +136,9 @@ def _memory(opt: Option, pb: ParamBreakdown, m: ModelConfig, c: Cluster, micro_b
         work = 2 * (wb * 2) * (pb.layer_max - (pb.expert / max(1, pb.moe_layers) if pb.moe_layers else 0)
                                + (pb.expert / max(1, pb.moe_layers)) / opt.ep_size)
         params, grads, optim = params * (1 - frac) + work, grads * (1 - frac), optim * (1 - frac)
-    tokens = micro_batch * (m.max_text_len + m.num_patches)
+    tokens = micro_batch * (m.max_text_len + m.num_image_tokens)
     d, L, a = m.d_model, m.n_layers, m.n_heads
-    per_layer = tokens * d * (34 + 5 * a * (m.max_text_len + m.num_patches) / d) * (wb / 2)  # Korthikanti et al. 2022
+    per_layer = tokens * d * (34 + 5 * a * (m.max_text_len + m.num_image_tokens) / d) * (wb / 2)  # Korthikanti et al. 2022
     acts = (2 * tokens * d * L * (wb / 2) + per_layer) if opt.activation_checkpointing else per_layer * L
     opt.gpu_bytes = {"params": params, "grads": grads, "optimizer": optim, "activations": acts}
     opt.cpu_bytes_per_node = cpu * min(c.gpus_per_node, n)
@@ -153,7 +153,7 @@ def _step_time(opt: Option, pb: ParamBreakdown, m: ModelConfig, c: Cluster, micr
     plans whose traffic could not hide behind compute.
     """
     spec = GPU_SPECS[c.gpu]
-    tokens = micro_batch * (m.max_text_len + m.num_patches)
+    tokens = micro_batch * (m.max_text_len + m.num_image_tokens)
     flops_per_token = (8 if opt.activation_checkpointing else 6) * pb.active  # recompute adds a forward pass
     compute = tokens * flops_per_token / (spec["peak_flops"] * mfu)
     bw = INTERCONNECTS[c.interconnect] if c.gpus > c.gpus_per_node else INTERCONNECTS["nvlink"]
@@ -213,7 +213,7 @@ def plan(m: ModelConfig, c: Cluster, *, tokens: float, micro_batch: int = 1, mfu
         compute_s, o.comm_s = _step_time(o, pb, m, c, micro_batch, mfu)
         o.step_time_s = max(compute_s, o.comm_s)
     fitting = [o for o in options if o.fits]
-    tokens_per_step = c.gpus * micro_batch * (m.max_text_len + m.num_patches)
+    tokens_per_step = c.gpus * micro_batch * (m.max_text_len + m.num_image_tokens)
     result: dict[str, Any] = {
         "model": m.name, "params": {"total": pb.total, "active": pb.active, "dense": pb.dense, "expert": pb.expert},
         "cluster": asdict(c), "tokens": tokens, "mfu": mfu, "options_tried": len(options), "fits": bool(fitting),

@@ -129,6 +129,8 @@ def run(cfg: Config, data_uri: str, out_uri: str, *, resume: str | None = None, 
         ckpt_mod.set_rng_state(rng)
     t0 = time.monotonic()
     stopped_early = False
+    if monitor is not None:
+        monitor.begin("train")
     for step in range(start_step, t.steps):
         if t.p2r_delink_step is not None and step == t.p2r_delink_step and engine.module.model.cfg.share_layers:
             from m6.train.p2r import delink_and_rebuild
@@ -137,6 +139,7 @@ def run(cfg: Config, data_uri: str, out_uri: str, *, resume: str | None = None, 
             if rank == 0:
                 log.info("Pseudo-to-Real: delinked shared layers at step %d; engine rebuilt", step)
         step_losses: dict[str, float] = {}
+        step_tokens = 0
         for micro in range(t.grad_accum):
             objective, batch = batches.batch(step * t.grad_accum + micro)
             batch = {k: v.to(device, dtype=act_dtype if v.is_floating_point() else None) for k, v in batch.items()}
@@ -146,16 +149,17 @@ def run(cfg: Config, data_uri: str, out_uri: str, *, resume: str | None = None, 
                 last_norm = clip_gradients(engine.module.model, t.grad_clip, ep_group if ep > 1 else None)
             engine.step()
             loss = float(out["loss"].detach())
-            positions = int((batch["text"] != 0).sum()) + (batch["image"].shape[0] * model_cfg.num_patches
+            positions = int((batch["text"] != 0).sum()) + (batch["image"].shape[0] * model_cfg.num_image_tokens
                                                            if "image" in batch else 0)
             metrics.add(objective, loss, positions, int(out["tokens"]))
             step_losses[objective] = loss
             tokens_seen += positions
+            step_tokens += positions
         losses_by_step.append({"step": step + 1, **step_losses})
         if first_loss is None:
             first_loss = step_losses
         if monitor is not None:
-            monitor.step(step + 1, metrics.tokens)
+            monitor.step(step + 1, step_tokens)
         last = step + 1 == t.steps
         stop = preempt.agreed(device)
         if (step + 1) % t.log_every == 0 or last or stop:
@@ -175,6 +179,7 @@ def run(cfg: Config, data_uri: str, out_uri: str, *, resume: str | None = None, 
     duration_s = time.monotonic() - t0
     energy_uri = None
     if monitor is not None:
+        monitor.end("train")
         monitor.stop()
         if rank == 0:
             energy_uri = storage.join(out_uri, "energy.json")
