@@ -241,7 +241,8 @@ class CpuTimeEstimate(Sensor):
         for c in list(self._children):
             try:
                 ct = c.cpu_times()
-                self._child_cpu_s[c.pid] = ct.user + ct.system
+                # Its own waited-for children too (a compiler a rank ran, say): they are in no listing any more.
+                self._child_cpu_s[c.pid] = ct.user + ct.system + ct.children_user + ct.children_system
             except psutil.Error:
                 # Exited: once waited for, the kernel adds its time to children_user/system above.
                 self._children.remove(c)

@@ -17,12 +17,13 @@ class TrainMetrics:
     """Accumulates per-step figures on every rank; :meth:`flush` reduces them and rank 0 records them."""
 
     def __init__(self, out_uri: str, *, rank: int, world: int, total_steps: int, flops_per_token: float,
-                 peak_flops_per_rank: float, registry: Any = None):
+                 peak_flops_per_rank: float, registry: Any = None, start_step: int = 0):
         self.out_uri, self.rank, self.world = out_uri, rank, world
         self.total_steps, self.flops_per_token, self.peak = total_steps, flops_per_token, peak_flops_per_rank
         self.lines: list[dict] = []
         self.t_start = self.t_last = time.monotonic()
-        self.steps_at_start: int | None = None
+        self.last_step = start_step
+        """The step count at the previous flush: the ETA uses the latest interval's rate (start-up excluded)."""
         self._reset()
         self.gauges = _gauges(registry) if registry is not None else None
 
@@ -51,14 +52,12 @@ class TrainMetrics:
         v = vec.tolist()
         now = time.monotonic()
         dt = max(1e-9, now - self.t_last)
-        if self.steps_at_start is None:
-            self.steps_at_start = step
         losses = {o: v[i] / v[4 + i] for i, o in enumerate(OBJECTIVES) if v[4 + i] > 0}
         n = sum(v[4:8])
         tokens_per_s = v[8] / dt
         mfu = tokens_per_s * self.flops_per_token / (self.peak * self.world)
-        done = step + 1 - self.steps_at_start
-        eta_s = (now - self.t_start) / max(1, done) * (self.total_steps - step - 1)
+        eta_s = dt / max(1, step + 1 - self.last_step) * (self.total_steps - step - 1)
+        self.last_step = step + 1
         rec = {"step": step + 1, "loss": sum(v[:4]) / max(1, n), **{f"loss_{o}": x for o, x in losses.items()},
                "lr": lr, "tokens": int(v[8]), "target_tokens": int(v[9]), "tokens_per_s": tokens_per_s, "mfu": mfu,
                "grad_norm": grad_norm, "elapsed_s": now - self.t_start, "eta_s": eta_s,

@@ -112,7 +112,7 @@ def run(cfg: Config, data_uri: str, out_uri: str, *, resume: str | None = None, 
 
         registry = CollectorRegistry()
     metrics = TrainMetrics(out_uri, rank=rank, world=world, total_steps=t.steps, flops_per_token=flops,
-                           peak_flops_per_rank=peak, registry=registry)
+                           peak_flops_per_rank=peak, registry=registry, start_step=start_step)
     if metrics_port is not None:
         _serve(monitor, registry, metrics_port + rank)
     if rank == 0 and resumed_from:

@@ -183,6 +183,28 @@ def test_cpu_estimate_counts_a_child_seen_alive_once_after_it_is_waited_for(monk
     assert 1.2 <= est.cpu_seconds() - before <= 1.9
 
 
+def test_cpu_estimate_counts_a_grandchild_when_its_parent_waits_for_it(monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(CpuTimeEstimate, "_CHILDREN_REFRESH_S", 0.05)
+    est = CpuTimeEstimate(tdp_w=None, model="Mystery CPU")
+    burn = "import time\nt=time.process_time()\nwhile time.process_time()-t<0.6: pass"
+    # The child waits for its burning grandchild, then idles: the grandchild's time is in the child's
+    # children times, which must count while the child still lives (not only once we reap it).
+    nested = (f"import subprocess, sys, time\nsubprocess.run([sys.executable, '-c', {burn!r}])\n"
+              "print('done', flush=True)\ntime.sleep(30)")
+    child = subprocess.Popen([sys.executable, "-c", nested], stdout=subprocess.PIPE, text=True)
+    try:
+        est.read(time.monotonic())
+        assert child.stdout.readline().strip() == "done"
+        time.sleep(0.1)
+        assert est.cpu_seconds() >= 0.6
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_gpu_without_nvml_is_charged_its_board_power_as_an_estimate():
     from m6.energy.sensors import GpuBoardPowerEstimate
 
