@@ -62,8 +62,11 @@ def run_arm(name: str, data: str, out: str, steps: int, every: int, delink: int 
 
     cfg = preset("demo")
     cfg.model = dataclasses.replace(cfg.model, share_layers=delink is not None)
+    # Micro-batch 16, lr 2e-3 and equal objective weights: the settings BENCHMARKS.md's figures were measured with.
     cfg.train = dataclasses.replace(cfg.train, steps=steps, save_every=every, log_every=every, keep_last=10**6,
-                                    p2r_delink_step=delink, zero_stage=0, ep_size=2, warmup_steps=10)
+                                    p2r_delink_step=delink, zero_stage=0, ep_size=2, warmup_steps=10,
+                                    micro_batch_size=16, lr=2e-3,
+                                    objective_weights={"text": 1.0, "caption": 1.0, "mm": 1.0, "contrastive": 1.0})
     cfg.energy = dataclasses.replace(cfg.energy, enabled=False)
     t0 = time.monotonic()
     s = train(cfg, data, out, nproc=2, log_sink=open(out + ".log", "w"))
