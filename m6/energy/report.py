@@ -154,11 +154,17 @@ def plot_png(doc: dict) -> bytes:
         ys = [(v + [0.0] * (n - len(v)))[:n] + [(v + [0.0] * (n - len(v)))[n - 1]] for v in series.values()]
         ax.stackplot(xs, ys, labels=list(series), step="post", alpha=0.85)
         ax.set_xlim(0, xs[-1])
-        ax.legend(loc="upper right", fontsize=7)
-    for w in doc["windows"]:
-        if w.get("rank", 0) == 0:
-            ax.axvspan(w["t0_s"], w["t1_s"], alpha=0.06, color="k")
-            ax.text(w["t0_s"], ax.get_ylim()[1] * 0.95, w["stage"], fontsize=7, va="top")
+        ax.legend(loc="upper center", fontsize=7)
+    labels: list[list] = []  # [x, text]: windows starting within 3 % of the axis of each other share one label
+    span_s = max(ax.get_xlim()[1], 1e-9)
+    for w in sorted((w for w in doc["windows"] if w.get("rank", 0) == 0), key=lambda w: w["t0_s"]):
+        ax.axvspan(w["t0_s"], w["t1_s"], alpha=0.06, color="k")
+        if labels and w["t0_s"] - labels[-1][0] < 0.03 * span_s:
+            labels[-1][1] += f", {w['stage']}"
+        else:
+            labels.append([w["t0_s"], w["stage"]])
+    for x, text in labels:
+        ax.text(x, ax.get_ylim()[1] * 0.97, f" {text}", fontsize=7, va="top", ha="left", rotation=90)
     t = doc["totals"]
     ax.set_title(f"{doc['run_id']}: {t['it_energy_j']:.4g} J IT energy "
                  f"({'estimated' if t['estimated'] else 'measured'}; {t['coverage_measured']:.0%} measured)", fontsize=9)
