@@ -23,6 +23,8 @@ class TrainMetrics:
         self.lines: list[dict] = []
         self.t_start = self.t_last = time.monotonic()
         self.last_step = start_step
+        self.tokens_total = 0
+        """Job-wide tokens since this process started (the energy figures cover the same span)."""
         """The step count at the previous flush: the ETA uses the latest interval's rate (start-up excluded)."""
         self._reset()
         self.gauges = _gauges(registry) if registry is not None else None
@@ -40,13 +42,19 @@ class TrainMetrics:
         self.tokens += tokens
         self.target_tokens += target_tokens
 
-    def flush(self, step: int, *, lr: float, grad_norm: float, moe: list[dict], device: Any) -> dict | None:
-        """Reduce the interval over ranks (collective); rank 0 appends a JSON line and logs progress."""
+    def flush(self, step: int, *, lr: float, grad_norm: float, moe: list[dict], device: Any,
+              energy_j: tuple[float, float] | None = None) -> dict | None:
+        """Reduce the interval over ranks (collective); rank 0 appends a JSON line and logs progress.
+
+        Args:
+            energy_j: this rank's (measured, estimated) joules since its monitor started; summed over
+                ranks in the same collective (node-level sensors are read by one rank per node only).
+        """
         import torch
         import torch.distributed as dist
 
         vec = torch.tensor([*(self.loss_sum[o] for o in OBJECTIVES), *(self.loss_n[o] for o in OBJECTIVES),
-                            self.tokens, self.target_tokens], dtype=torch.float64, device=device)
+                            self.tokens, self.target_tokens, *(energy_j or ())], dtype=torch.float64, device=device)
         if dist.is_initialized() and self.world > 1:
             dist.all_reduce(vec)
         v = vec.tolist()
@@ -58,11 +66,15 @@ class TrainMetrics:
         mfu = tokens_per_s * self.flops_per_token / (self.peak * self.world)
         eta_s = dt / max(1, step + 1 - self.last_step) * (self.total_steps - step - 1)
         self.last_step = step + 1
+        self.tokens_total += int(v[8])
         rec = {"step": step + 1, "loss": sum(v[:4]) / max(1, n), **{f"loss_{o}": x for o, x in losses.items()},
                "lr": lr, "tokens": int(v[8]), "target_tokens": int(v[9]), "tokens_per_s": tokens_per_s, "mfu": mfu,
                "grad_norm": grad_norm, "elapsed_s": now - self.t_start, "eta_s": eta_s,
                "moe": [{"layer": s["layer"], "load_cv": s["load_cv"], "drop_rate": s["drop_rate"],
                         "router_entropy": s["router_entropy"]} for s in moe]}
+        if energy_j is not None:
+            rec.update(energy_j=v[10] + v[11], energy_measured_j=v[10], energy_estimated_j=v[11],
+                       j_per_token=(v[10] + v[11]) / max(1, self.tokens_total))
         self._reset()
         if self.gauges is not None:
             _update(self.gauges, rec)
@@ -70,9 +82,15 @@ class TrainMetrics:
             return rec
         self.lines.append(rec)
         with_obj = " ".join(f"{o} {x:.3f}" for o, x in losses.items())
-        log.info("step %d/%d loss %.4f (%s) %.0f tok/s mfu %.2f%% lr %.2e gnorm %.3f ETA %s",
+        energy = ""
+        if energy_j is not None:
+            kind = "estimated" if rec["energy_estimated_j"] > rec["energy_measured_j"] else "measured"
+            j = rec["energy_j"]
+            amount = f"{j / 1e3:.2f} kJ" if j >= 1e3 else f"{j:.1f} J"
+            energy = f" energy {amount} ({kind}, {1e3 * rec['j_per_token']:.3f} mJ/token)"
+        log.info("step %d/%d loss %.4f (%s) %.0f tok/s mfu %.2f%% lr %.2e gnorm %.3f%s ETA %s",
                  step + 1, self.total_steps, rec["loss"], with_obj, tokens_per_s, 100 * mfu, lr, grad_norm,
-                 _hms(eta_s))
+                 energy, _hms(eta_s))
         return rec
 
     def write(self) -> None:

@@ -164,8 +164,10 @@ def run(cfg: Config, data_uri: str, out_uri: str, *, resume: str | None = None, 
         stop = preempt.agreed(device)
         if (step + 1) % t.log_every == 0 or last or stop:
             gn = last_norm if own_clip else grad_norm(engine)
+            e = monitor.totals() if monitor is not None else None
             last_rec = metrics.flush(step, lr=sched.get_last_lr()[0], grad_norm=gn,
-                                     moe=engine.module.model.moe_stats(), device=device)
+                                     moe=engine.module.model.moe_stats(), device=device,
+                                     energy_j=(e["measured_j"], e["estimated_j"]) if e is not None else None)
             metrics.write()
             _write_losses(out_uri, rank, losses_by_step, start_step)
         if (step + 1) % t.save_every == 0 or last or stop:

@@ -66,6 +66,11 @@ def test_ep2_zero2_trains_serves_metrics_and_writes_the_run_layout(corpus, tmp_p
     for k in ("loss", "lr", "tokens_per_s", "mfu", "grad_norm"):
         assert last[k] > 0, k
     assert last["moe"] and {"load_cv", "drop_rate"} <= set(last["moe"][0])
+    # Job-wide joules at each log interval are the ranks' figures summed once, never 0 and never more than
+    # the run total energy.json states at the end (its span runs a little longer: the last checkpoint).
+    energy = json.loads((out / "energy.json").read_text())["totals"]
+    assert 0 < rec[0]["energy_j"] < last["energy_j"] <= energy["it_energy_j"]
+    assert last["energy_j"] >= 0.5 * energy["it_energy_j"] and last["j_per_token"] > 0
     # The consolidated model holds all 4 experts: rank r's 2 local experts in slots 2r, 2r+1.
     model, cfg2, tok, meta = load_model(str(out))
     assert meta["step"] == 24 and tok.get_vocab_size() == cfg2.model.vocab_size
