@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from _corpus import demo_dataset  # beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -69,7 +71,7 @@ def run_arm(name: str, data: str, out: str, steps: int, every: int, delink: int 
                                     objective_weights={"text": 1.0, "caption": 1.0, "mm": 1.0, "contrastive": 1.0})
     cfg.energy = dataclasses.replace(cfg.energy, enabled=False)
     t0 = time.monotonic()
-    s = train(cfg, data, out, nproc=2, log_sink=open(out + ".log", "w"))
+    train(cfg, data, out, nproc=2, log_sink=open(out + ".log", "w"))
     print(f"{name}: trained {steps} steps in {time.monotonic() - t0:.0f} s", flush=True)
     flops_per_token = count_params(dataclasses.replace(cfg.model, share_layers=False))["train_flops_per_token"]
     metrics = {r["step"]: r for r in map(json.loads, Path(out, "metrics.jsonl").read_text().splitlines())}
@@ -120,15 +122,7 @@ def main() -> int:
     p.add_argument("--data", help="curated dataset (default: the demo corpus made here)")
     a = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="m6-p2r-")
-    data = a.data
-    if data is None:
-        from m6.config import preset
-        from m6.data.curate import curate
-        from m6.data.synth import synthesize
-
-        synthesize(f"{tmp}/raw", n=2000, seed=0, langs=["en", "zh"])
-        curate([f"{tmp}/raw"], f"{tmp}/ds", preset("demo").data)
-        data = f"{tmp}/ds"
+    data = a.data or demo_dataset(tmp, n=2000)
     rows = run_arm("pseudo-to-real", data, f"{tmp}/p2r", a.steps, a.every, a.delink)
     rows += run_arm("real from scratch", data, f"{tmp}/real", a.steps, a.every, None)
     out = REPO / "benchmarks" / "results"

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from _corpus import demo_dataset  # beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 CAPACITY_FACTOR = 2.0
 """DeepSpeed's gate in its dropless mode fails in this version (a tensor capacity reaches topk), so
@@ -109,15 +111,7 @@ def main() -> int:
     p.add_argument("--data", help="curated dataset (default: a synthetic corpus made here)")
     a = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="m6-train-bench-")
-    data = a.data
-    if data is None:
-        from m6.config import preset
-        from m6.data.curate import curate
-        from m6.data.synth import synthesize
-
-        synthesize(f"{tmp}/raw", n=1000, seed=0, langs=["en", "zh"])
-        curate([f"{tmp}/raw"], f"{tmp}/ds", preset("demo").data)
-        data = f"{tmp}/ds"
+    data = a.data or demo_dataset(tmp, n=1000)
     results: dict[str, list[float]] = {"m6": [], "deepspeed": []}
     t0 = time.monotonic()
     for rep in range(a.reps):

@@ -14,7 +14,6 @@ import logging
 import sys
 import time
 import uuid
-from pathlib import Path
 
 from m6 import storage
 from m6.config import preset
@@ -51,7 +50,7 @@ def run(out: str, *, preset_name: str = "demo", nproc: int = 2, n: int = 2000, s
     if steps is not None:
         cfg.train.steps = steps
     raw, data, run_dir, eval_dir = (storage.join(out, p) for p in ("raw", "curated", "train", "eval"))
-    champion = champion or storage.join(str(Path(out).parent), "champion")
+    champion = champion or storage.join(out.rstrip("/").rsplit("/", 1)[0] if "/" in out.rstrip("/") else ".", "champion")
     # One run folder per invocation; stale stage outputs from an earlier run would otherwise be resumed.
     storage.delete_tree(out)
 

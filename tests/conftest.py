@@ -23,15 +23,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout_s: float = 30.0) -> None:
+def wait_http(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 30.0) -> None:
+    """Wait until ``url`` answers; fail at once if the server process ``proc`` has exited."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before {url} answered")
         try:
             urllib.request.urlopen(url, timeout=1).read()
             return
-        except Exception:
+        except OSError:
             time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up in {timeout_s}s")
+    raise RuntimeError(f"{url} did not answer in {timeout_s}s")
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +46,7 @@ def s3_server():
     proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        wait_http(endpoint + "/")
+        wait_http(endpoint + "/", proc)
         yield endpoint
     finally:
         proc.terminate()
@@ -65,5 +68,5 @@ def s3_env(s3_server, monkeypatch):
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.exists():
-        pytest.skip(f"shared data folder not present beside the checkout")
+        pytest.skip("shared data folder not present beside the checkout")
     return SHARED_DATA

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_http  # the suite's root conftest
+
 from .fakes import free_port
 
 PACKAGES = ("prometheus", "prometheus-pushgateway")
@@ -32,19 +34,6 @@ def _ensure_installed() -> None:
     # The packages start system services; the tests run their own instances on free ports.
     for svc in PACKAGES:
         subprocess.run(["service", svc, "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before {url} answered")
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer in {timeout_s}s")
 
 
 class PrometheusServer:
@@ -69,7 +58,7 @@ class PrometheusServer:
         self.proc = subprocess.Popen(
             [shutil.which("prometheus"), f"--config.file={cfg}", f"--storage.tsdb.path={folder / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT)
-        _wait_ready(self.url + "/-/ready", self.proc)
+        wait_http(self.url + "/-/ready", self.proc)
 
     def query(self, promql: str) -> list[dict]:
         """Instant query over the HTTP API; returns the result vector."""
@@ -118,7 +107,7 @@ def pushgateway(tmp_path):
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url + "/-/ready", proc)
+        wait_http(url + "/-/ready", proc)
         yield url
     finally:
         proc.terminate()
