@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_http  # the suite's root conftest
+from servers import wait_http  # beside the suite's root conftest
 
 from .fakes import free_port
 
